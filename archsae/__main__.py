@@ -1,0 +1,5 @@
+"""`python -m archsae` (also what `torchrun -m archsae` runs)."""
+
+from archsae.cli import main
+
+main()

@@ -1,0 +1,180 @@
+"""`TokenStore`: shuffled, standardised batches of tokens streamed from an activation store.
+
+An epoch is fixed by (seed, epoch) alone: the order of the units is permuted, consecutive units
+are grouped into shuffle windows of about `shuffle_tokens` tokens, and each window's tokens are
+permuted. Batches are consecutive slices of that stream, so batch `b` of an epoch can be
+reached without reading what comes before it (exact resume). Chunk reads and decompression run
+in a thread pool, batch assembly and standardisation in a producer thread; the caller only
+takes finished float32 tensors off a queue.
+"""
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from archsae.errors import UserError
+from archsae.cache.store import ActivationStore, open_store
+
+SPLITS = ("train", "heldout", "all")
+
+
+def heldout_images(n_images: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """The held-out split, by image: the same images for every fit made on the same store."""
+    return np.random.default_rng(seed).random(n_images) < fraction
+
+
+class TokenStore:
+    """Token rows (n, d) of one store, restricted to a token kind and a split, standardised."""
+
+    def __init__(self, store, tokens: str = "all", split: str = "train",
+                 heldout_fraction: float = 0.1, split_seed: int = 0, standardize: bool = True,
+                 shuffle_tokens: int = 1 << 18, threads: int = 4, prefetch: int = 8):
+        self.store: ActivationStore = store if isinstance(store, ActivationStore) else open_store(store)
+        if split not in SPLITS:
+            raise UserError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        if not self.store.complete:
+            raise UserError(f"{self.store.path} is incomplete: rerun the same `archsae extract` "
+                            "command to finish it")
+        self.tokens, self.split = tokens, split
+        self.positions = self.store.positions(tokens)
+        self.d = self.store.d
+        images = self.store.valid_images()
+        held = heldout_images(self.store.n_images, heldout_fraction, split_seed)
+        if split == "train":
+            images &= ~held
+        elif split == "heldout":
+            images &= held
+        self.image_mask = images
+        self.unit_images = [np.flatnonzero(images[slice(*self.store.unit_bounds(u))])
+                            for u in range(self.store.n_units)]
+        self.unit_tokens = np.array([len(i) * len(self.positions) for i in self.unit_images])
+        self.n_tokens = int(self.unit_tokens.sum())
+        if self.n_tokens == 0:
+            raise UserError(f"{self.store.path} has no {tokens} tokens in its {split} split: "
+                            "extract more images or change --tokens")
+        _, mean, std = self.store.feature_stats(tokens)
+        self.standardize = standardize
+        self.mean = torch.from_numpy(mean).float()
+        self.std = torch.from_numpy(std).float()
+        self.shuffle_tokens, self.threads, self.prefetch = shuffle_tokens, threads, prefetch
+
+    def num_batches(self, batch_size: int, drop_last: bool = True) -> int:
+        return self.n_tokens // batch_size if drop_last else -(-self.n_tokens // batch_size)
+
+    def read_unit(self, unit: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The selected tokens of one unit as rows (n, d), in the stored dtype."""
+        start, stop = self.store.unit_bounds(unit)
+        chunk = self.store.tokens[start:stop]
+        images = self.unit_images[unit]
+        if len(images) < stop - start:
+            chunk = chunk[images]
+        if len(self.positions) < self.store.n_tokens:
+            chunk = chunk[:, self.positions]
+        rows = chunk.reshape(-1, self.d)
+        if out is None:
+            return rows
+        out[...] = rows
+        return out
+
+    def _windows(self, order: np.ndarray) -> list[np.ndarray]:
+        windows, current, size = [], [], 0
+        for u in order:
+            current.append(u)
+            size += self.unit_tokens[u]
+            if size >= self.shuffle_tokens:
+                windows.append(np.array(current))
+                current, size = [], 0
+        if current:
+            windows.append(np.array(current))
+        return windows
+
+    def batches(self, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0,
+                shuffle: bool = True, drop_last: bool = True) -> Iterator[torch.Tensor]:
+        """Yield float32 batches (batch_size, d) of epoch `epoch`, beginning at batch `start`."""
+        units = np.flatnonzero(self.unit_tokens)
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(units) if shuffle else units
+        windows = self._windows(order)
+        sizes = np.array([self.unit_tokens[w].sum() for w in windows])
+        ends = np.cumsum(sizes)
+        offset = start * batch_size
+        if offset >= self.n_tokens:
+            return
+        first = int(np.searchsorted(ends, offset, side="right"))
+        skip = offset - (ends[first] - sizes[first])
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        producer = threading.Thread(
+            target=self._produce, daemon=True,
+            args=(windows, first, skip, batch_size, seed, epoch, shuffle, drop_last, out, stop))
+        producer.start()
+        try:
+            while (item := out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while producer.is_alive():
+                try:
+                    out.get_nowait()
+                except queue.Empty:
+                    producer.join(0.05)
+
+    def _produce(self, windows, first, skip, batch_size, seed, epoch, shuffle, drop_last, out, stop):
+        def emit(rows: np.ndarray) -> bool:
+            x = torch.from_numpy(rows).float()
+            if self.standardize:
+                x = (x - self.mean) / self.std
+            while not stop.is_set():
+                try:
+                    out.put(x, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def load(window):
+            buf = np.empty((self.unit_tokens[window].sum(), self.d), self.store.attrs["dtype"])
+            bounds = np.concatenate([[0], np.cumsum(self.unit_tokens[window])])
+            jobs = [pool.submit(self.read_unit, u, buf[a:b]) for u, a, b in zip(window, bounds, bounds[1:])]
+            return buf, jobs
+
+        try:
+            with ThreadPoolExecutor(self.threads) as pool:
+                pending = np.empty((0, self.d), self.store.attrs["dtype"])
+                ahead = load(windows[first])
+                for w in range(first, len(windows)):
+                    buf, jobs = ahead
+                    if w + 1 < len(windows):
+                        ahead = load(windows[w + 1])
+                    for job in jobs:
+                        job.result()
+                    order = (np.random.default_rng([seed, epoch, w]).permutation(len(buf))
+                             if shuffle else np.arange(len(buf)))
+                    if w == first:
+                        order = order[skip:]
+                    i = 0
+                    if len(pending):
+                        need = batch_size - len(pending)
+                        pending = np.concatenate([pending, buf[order[:need]]])
+                        i = min(need, len(order))
+                        if len(pending) == batch_size:
+                            if not emit(pending):
+                                return
+                            pending = pending[:0]
+                    while i + batch_size <= len(order):
+                        if not emit(buf[order[i:i + batch_size]]):
+                            return
+                        i += batch_size
+                    if i < len(order):
+                        pending = np.concatenate([pending, buf[order[i:]]])
+                if len(pending) and not drop_last:
+                    emit(pending)
+            out.put(None)
+        except BaseException as exc:  # surfaced in the consumer thread
+            out.put(exc)

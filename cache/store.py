@@ -1,0 +1,288 @@
+"""The activation store: one zarr v3 group of token activations, written in units.
+
+`docs/cache-format.md` is the normative description of what is on disk; this module is its
+implementation. A unit is a run of `chunk_images` consecutive images: it owns exactly one chunk
+of every per-image array and one row of the statistics, and is marked done only after all of
+them are flushed. Nothing is summarised at the end of a run, so any set of processes can fill
+the units in any order and the store is complete when every unit is done.
+"""
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from archsae.errors import UserError
+from archsae.cache.stats import merge_moments, moments, standard_deviation
+
+FORMAT_NAME = "archsae.activations"
+FORMAT_VERSION = 1
+TOKEN_KINDS = ("cls", "register", "patch", "token")
+
+# Chosen by benchmarks/codecs.py on float16 activations: byte-shuffled LZ4 keeps
+# extraction and the loader at full speed; see docs/cache-format.md for the measured figures.
+TOKEN_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+# Attributes that must agree for an existing store to be resumed rather than refused.
+IDENTITY_KEYS = ("model", "timm_name", "weights", "layer", "dtype", "preprocessing",
+                 "source_hash", "chunk_images", "shape")
+
+
+@dataclass
+class StoreSpec:
+    """What a new store will hold; `provenance` becomes the `archsae` attribute."""
+
+    n_images: int
+    token_kind: np.ndarray  # (n_tokens,) codes into TOKEN_KINDS
+    d: int
+    chunk_images: int
+    dtype: str = "float16"
+    d_pooled: int | None = None
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(len(self.token_kind))
+
+
+def default_chunk_images(n_tokens: int, d: int, itemsize: int, target_bytes: int = 8 << 20) -> int:
+    """Images per chunk so that a chunk of tokens holds about `target_bytes` before compression."""
+    return max(1, int(target_bytes // (n_tokens * d * itemsize)))
+
+
+def _attrs_for(spec: StoreSpec) -> dict:
+    from archsae import __version__
+
+    return {
+        **spec.provenance,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "dtype": spec.dtype,
+        "chunk_images": spec.chunk_images,
+        "shape": [spec.n_images, spec.n_tokens, spec.d],
+        "token_kinds": list(TOKEN_KINDS),
+    }
+
+
+def _create_group(path: Path, spec: StoreSpec) -> None:
+    n, t, d, u = spec.n_images, spec.n_tokens, spec.d, spec.chunk_images
+    n_units = -(-n // u)
+    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    group.create_array("tokens", shape=(n, t, d), chunks=(u, t, d), dtype=spec.dtype,
+                       compressors=[TOKEN_CODEC], fill_value=0)
+    if spec.d_pooled is not None:
+        group.create_array("pooled", shape=(n, spec.d_pooled), chunks=(u, spec.d_pooled),
+                           dtype=spec.dtype, compressors=[TOKEN_CODEC], fill_value=0)
+    kind = group.create_array("token_kind", shape=(t,), chunks=(t,), dtype="uint8")
+    kind[:] = spec.token_kind.astype(np.uint8)
+    group.create_array("keys", shape=(n,), chunks=(u,), dtype=str)
+    group.create_array("errors", shape=(n,), chunks=(u,), dtype=str)
+    group.create_array("labels", shape=(n,), chunks=(u,), dtype="int64", fill_value=-1)
+    stats = group.create_group("stats")
+    k = len(TOKEN_KINDS)
+    stats.create_array("count", shape=(n_units, k), chunks=(1, k), dtype="int64", fill_value=0)
+    stats.create_array("mean", shape=(n_units, k, d), chunks=(1, k, d), dtype="float64", fill_value=0)
+    stats.create_array("m2", shape=(n_units, k, d), chunks=(1, k, d), dtype="float64", fill_value=0)
+    group.create_array("done", shape=(n_units,), chunks=(1,), dtype="bool", fill_value=False)
+    group.attrs["archsae"] = _attrs_for(spec)
+
+
+def is_store(path) -> bool:
+    return (Path(path) / "zarr.json").is_file()
+
+
+def create_or_open(path, spec: StoreSpec) -> "ActivationStore":
+    """Open the store at `path` if it was made with the same identity, else create it atomically.
+
+    Creation happens in a sibling temporary folder renamed into place, so a crash never leaves a
+    half-made store, and processes racing to create the same store all end up opening one.
+    """
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            _create_group(tmp, spec)
+            os.rename(tmp, path)
+        except OSError:
+            if not is_store(path):
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    store = open_store(path, mode="r+")
+    store.check_identity(_attrs_for(spec))
+    return store
+
+
+def open_store(path, mode: str = "r") -> "ActivationStore":
+    path = Path(path)
+    if not is_store(path):
+        raise UserError(f"{path} is not an archsae activation store: run `archsae extract` or "
+                        "`archsae import` to make one")
+    group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    attrs = group.attrs.get("archsae")
+    if not attrs or attrs.get("format") != FORMAT_NAME:
+        raise UserError(f"{path} is a zarr group but not an archsae activation store: "
+                        "point at a folder made by `archsae extract` or `archsae import`")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} has store format version {attrs.get('format_version')}, this "
+                        f"archsae reads version {FORMAT_VERSION}: re-extract or use a matching archsae")
+    return ActivationStore(path, group)
+
+
+class ActivationStore:
+    """Reads and writes one store; see docs/cache-format.md for the layout."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        self.attrs = dict(group.attrs["archsae"])
+        self.n_images, self.n_tokens, self.d = self.attrs["shape"]
+        self.chunk_images = self.attrs["chunk_images"]
+        self.n_units = -(-self.n_images // self.chunk_images)
+        self.token_kind = np.asarray(group["token_kind"][:])
+
+    # -- layout ---------------------------------------------------------------------------
+    @property
+    def tokens(self) -> zarr.Array:
+        return self.group["tokens"]
+
+    def unit_bounds(self, unit: int) -> tuple[int, int]:
+        start = unit * self.chunk_images
+        return start, min(start + self.chunk_images, self.n_images)
+
+    def kind_counts(self) -> dict[str, int]:
+        """Tokens of each kind per image, e.g. {"cls": 1, "register": 4, "patch": 256}."""
+        codes, counts = np.unique(self.token_kind, return_counts=True)
+        return {TOKEN_KINDS[c]: int(n) for c, n in zip(codes, counts)}
+
+    def positions(self, kinds) -> np.ndarray:
+        """Token positions (within an image) whose kind is in `kinds`; "all" means every one."""
+        if kinds == "all":
+            return np.arange(self.n_tokens)
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        unknown = [k for k in kinds if k not in TOKEN_KINDS]
+        if unknown:
+            raise UserError(f"unknown token kind {unknown[0]!r}: use all or one of {', '.join(TOKEN_KINDS)}")
+        codes = [TOKEN_KINDS.index(k) for k in kinds]
+        pos = np.flatnonzero(np.isin(self.token_kind, codes))
+        if len(pos) == 0:
+            raise UserError(f"{self.path} has no {'/'.join(kinds)} tokens (it has "
+                            f"{self.kind_counts()}): choose --tokens among those")
+        return pos
+
+    # -- progress -------------------------------------------------------------------------
+    def done_units(self) -> np.ndarray:
+        return np.asarray(self.group["done"][:], dtype=bool)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done_units().all())
+
+    def check_identity(self, wanted: dict) -> None:
+        for key in IDENTITY_KEYS:
+            if self.attrs.get(key) != wanted.get(key):
+                what = {"model": "model", "timm_name": "backbone", "weights": "weights",
+                        "source_hash": "data"}.get(key, key)
+                raise UserError(
+                    f"{self.path} already holds a store with another {what} "
+                    f"({self.attrs.get(key)!r}, not {wanted.get(key)!r}): pass another --out "
+                    "or delete that folder")
+
+    # -- writing --------------------------------------------------------------------------
+    def write_unit(self, unit: int, tokens: np.ndarray, keys, labels=None, errors=None,
+                   pooled: np.ndarray | None = None) -> None:
+        """Write one unit's arrays and statistics, then mark it done (last, after the flush)."""
+        start, stop = self.unit_bounds(unit)
+        n = stop - start
+        if tokens.shape != (n, self.n_tokens, self.d):
+            raise ValueError(f"unit {unit} expects tokens of shape {(n, self.n_tokens, self.d)}, "
+                             f"got {tokens.shape}")
+        errors = np.array([""] * n if errors is None else errors, dtype=str)
+        tokens = np.asarray(tokens, dtype=self.attrs["dtype"])
+        self.group["tokens"][start:stop] = tokens
+        if pooled is not None:
+            self.group["pooled"][start:stop] = np.asarray(pooled, dtype=self.attrs["dtype"])
+        self.group["keys"][start:stop] = np.array(keys, dtype=str)
+        self.group["errors"][start:stop] = errors
+        if labels is not None:
+            self.group["labels"][start:stop] = np.asarray(labels, dtype=np.int64)
+        count, mean, m2 = self.unit_moments(tokens[errors == ""])
+        self.group["stats/count"][unit] = count
+        self.group["stats/mean"][unit] = mean
+        self.group["stats/m2"][unit] = m2
+        self.group["done"][unit] = True
+
+    def unit_moments(self, tokens: np.ndarray):
+        """Per-kind moments of one unit's valid tokens (n, n_tokens, d), as stored."""
+        k = len(TOKEN_KINDS)
+        count = np.zeros(k, np.int64)
+        mean = np.zeros((k, self.d))
+        m2 = np.zeros((k, self.d))
+        for code in np.unique(self.token_kind):
+            rows = tokens[:, self.token_kind == code].reshape(-1, self.d)
+            count[code], mean[code], m2[code] = moments(rows)
+        return count, mean, m2
+
+    # -- reading --------------------------------------------------------------------------
+    def feature_stats(self, kinds="all") -> tuple[int, np.ndarray, np.ndarray]:
+        """(count, mean, std) per feature over the valid tokens of `kinds`, merged in unit order."""
+        codes = np.unique(self.token_kind[self.positions(kinds)])
+        counts = np.asarray(self.group["stats/count"][:])[:, codes].reshape(-1)
+        means = np.asarray(self.group["stats/mean"][:])[:, codes].reshape(-1, self.d)
+        m2s = np.asarray(self.group["stats/m2"][:])[:, codes].reshape(-1, self.d)
+        n, mean, m2 = merge_moments(counts, means, m2s)
+        return n, mean, standard_deviation(n, m2)
+
+    def errors(self) -> dict[str, str]:
+        """Key -> reason for every image that could not be read (done units only)."""
+        errs = np.asarray(self.group["errors"][:])
+        bad = np.flatnonzero(errs != "")
+        keys = np.asarray(self.group["keys"][:])
+        return {str(keys[i]): str(errs[i]) for i in bad}
+
+    def valid_images(self) -> np.ndarray:
+        """Boolean mask of images that are in done units and were read without error."""
+        done = np.repeat(self.done_units(), self.chunk_images)[: self.n_images]
+        return done & (np.asarray(self.group["errors"][:]) == "")
+
+    def bytes_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def summary(self) -> dict:
+        """What `archsae info --json` prints."""
+        done = self.done_units()
+        size = self.bytes_on_disk()
+        tokens_bytes = sum(f.stat().st_size for f in (self.path / "tokens").rglob("*") if f.is_file())
+        written_values = sum(self.unit_bounds(u)[1] - self.unit_bounds(u)[0]
+                             for u in np.flatnonzero(done)) * self.n_tokens * self.d
+        errors = self.errors()
+        a = self.attrs
+        return {
+            "path": str(self.path),
+            "model": a.get("model"),
+            "timm_name": a.get("timm_name"),
+            "weights": a.get("weights"),
+            "layer": a.get("layer"),
+            "dtype": a.get("dtype"),
+            "shape": [self.n_images, self.n_tokens, self.d],
+            "token_kinds": self.kind_counts(),
+            "patch_grid": a.get("patch_grid"),
+            "pooled": "pooled" in self.group,
+            "complete": bool(done.all()),
+            "units_done": int(done.sum()),
+            "units": self.n_units,
+            "images_skipped": len(errors),
+            "skipped": errors,
+            "bytes_on_disk": size,
+            "bytes_per_value": (tokens_bytes / written_values) if written_values else None,
+            "source": a.get("source"),
+            "preprocessing": a.get("preprocessing"),
+            "package_version": a.get("package_version"),
+        }

@@ -1,0 +1,173 @@
+"""Backbone presets: one table, one function that builds a backbone from a name.
+
+`build_backbone("siglip", weights="random")` returns a `Backbone`: the timm model in eval mode,
+its preprocessing (timm's own data config), its token layout, and a `weights` tag saying which
+weights produced its activations. Any timm model works through `timm:<name>`.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from archsae.errors import UserError
+from archsae.cache import TOKEN_KINDS
+
+# name -> (timm model, extra create_model arguments). Token counts are at 224 x 224.
+PRESETS: dict[str, tuple[str, dict]] = {
+    "dinov2": ("vit_base_patch14_reg4_dinov2.lvd142m", {"img_size": 224}),  # 1 CLS + 4 reg + 256
+    "siglip": ("vit_base_patch16_siglip_224.webli", {}),                   # 196 patches
+    "vit": ("vit_base_patch16_224.augreg2_in21k_ft_in1k", {}),             # 1 CLS + 196
+    "convnext": ("convnext_small.fb_in1k", {}),                            # 7 x 7
+    "resnet50": ("resnet50.a1_in1k", {}),                                  # 7 x 7, d = 2048
+}
+WEIGHT_CHOICES = "pretrained, auto (pretrained if cached, else random), random, or a .safetensors file"
+
+
+def sha256_file(path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+    return h.hexdigest()
+
+
+@dataclass
+class Backbone:
+    """A timm model with what the store records about it."""
+
+    model: torch.nn.Module
+    preset: str
+    timm_name: str
+    weights: str
+    data_config: dict
+    layer: int | None
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token activations (B, T, d) at the chosen layer and the pooled pre-logits (B, d')."""
+        if self.layer is None:
+            final = self.model.forward_features(images)
+            tokens = final
+        else:
+            kwargs = {"return_prefix_tokens": True, "output_fmt": "NLC"} if self._is_vit else {}
+            final, inter = self.model.forward_intermediates(images, indices=[self.layer], **kwargs)
+            tokens = inter[0]
+            if self._is_vit:
+                patches, prefix = tokens
+                tokens = torch.cat([prefix, patches], dim=1)
+        pooled = self.model.forward_head(final, pre_logits=True)
+        return _as_token_rows(tokens, self.model), pooled
+
+    @property
+    def _is_vit(self) -> bool:
+        return hasattr(self.model, "num_prefix_tokens")
+
+    def token_layout(self) -> tuple[np.ndarray, list[int] | None, int, int]:
+        """Probe once: (kind code per token position, patch grid, d, pooled d)."""
+        size = self.data_config["input_size"]
+        with torch.inference_mode():
+            raw = self._raw_tokens(torch.zeros(1, *size))
+            tokens, pooled = self.features(torch.zeros(1, *size))
+        n_tokens, d = tokens.shape[1:]
+        if raw.ndim == 4:  # a feature map: every token is a patch
+            grid = list(raw.shape[2:]) if raw.shape[1] == d else list(raw.shape[1:3])
+            return np.full(n_tokens, TOKEN_KINDS.index("patch")), grid, d, pooled.shape[1]
+        n_prefix = int(getattr(self.model, "num_prefix_tokens", 0))
+        n_reg = int(getattr(self.model, "num_reg_tokens", 0))
+        n_cls = n_prefix - n_reg
+        kinds = [TOKEN_KINDS.index("cls")] * n_cls + [TOKEN_KINDS.index("register")] * n_reg
+        kinds += [TOKEN_KINDS.index("patch")] * (n_tokens - n_prefix)
+        grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
+        grid = list(grid) if grid is not None and int(np.prod(grid)) == n_tokens - n_prefix else None
+        return np.array(kinds), grid, d, pooled.shape[1]
+
+    def _raw_tokens(self, images):
+        if self.layer is None:
+            return self.model.forward_features(images)
+        kwargs = {"output_fmt": "NLC"} if self._is_vit else {}
+        return self.model.forward_intermediates(images, indices=[self.layer],
+                                                intermediates_only=True, **kwargs)[0]
+
+
+def _as_token_rows(x: torch.Tensor, model) -> torch.Tensor:
+    """(B, T, d) from a timm output: NLC as is, NCHW / NHWC feature maps flattened row-major."""
+    if x.ndim == 3:
+        return x
+    if x.ndim == 4:
+        channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"
+        if not channels_last:
+            x = x.permute(0, 2, 3, 1)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    raise UserError(f"the backbone returns features of shape {tuple(x.shape)}, which are not "
+                    "tokens: choose a model whose forward_features gives (B, T, d) or (B, C, H, W)")
+
+
+def resolve_timm_name(model: str) -> tuple[str, dict]:
+    if model.startswith("timm:"):
+        return model[len("timm:"):], {}
+    if model not in PRESETS:
+        raise UserError(f"unknown model {model!r}: use one of {', '.join(PRESETS)} or timm:<name>")
+    return PRESETS[model]
+
+
+def build_backbone(model: str, weights: str = "pretrained", layer: int | None = None,
+                   device: str | torch.device = "cpu") -> Backbone:
+    """Build a preset (or `timm:<name>`) with the given weights, ready for inference."""
+    import timm
+
+    name, kwargs = resolve_timm_name(model)
+    if not timm.is_model(timm.models.split_model_name_tag(name)[0]):
+        raise UserError(f"timm has no model {name!r}: check the name with timm.list_models()")
+    net, tag = _create(timm, name, kwargs, weights)
+    data_config = timm.data.resolve_data_config(
+        {"input_size": (3, kwargs["img_size"], kwargs["img_size"])} if "img_size" in kwargs else {},
+        model=net)
+    backbone = Backbone(net.eval().to(device), model, name, tag, data_config, layer)
+    if layer is not None:
+        n_blocks = len(getattr(net, "blocks", [])) or len(getattr(net, "feature_info", []))
+        if not hasattr(net, "forward_intermediates") or not (-n_blocks <= layer < n_blocks):
+            raise UserError(f"--layer {layer} is out of range for {name}: use 0..{n_blocks - 1} "
+                            "or leave it out for the last layer")
+    return backbone
+
+
+def _create(timm, name: str, kwargs: dict, weights: str):
+    if weights == "random":
+        return timm.create_model(name, pretrained=False, **kwargs), "random"
+    if weights in ("pretrained", "auto"):
+        if weights == "auto" and not _pretrained_cached(timm, name):
+            return timm.create_model(name, pretrained=False, **kwargs), "random"
+        try:
+            net = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:
+            raise UserError(f"could not load pretrained weights for {name} "
+                            f"({type(exc).__name__}): put them in the Hugging Face cache, pass "
+                            "--weights PATH to a .safetensors file, or --weights random") from None
+        return net, f"pretrained:{net.pretrained_cfg.get('hf_hub_id') or name}"
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f"--weights {weights!r} is neither a file nor one of: {WEIGHT_CHOICES}")
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path} is not a .safetensors file: archsae never unpickles weights; "
+                        "convert it with safetensors.torch.save_file")
+    try:
+        net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                                **kwargs)
+    except Exception as exc:
+        raise UserError(f"{path} does not fit {name} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]}): pass weights saved from that model") from None
+    return net, f"file:{path.name}:sha256:{sha256_file(path)}"
+
+
+def _pretrained_cached(timm, name: str) -> bool:
+    """Whether timm's pretrained weights for `name` are already in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return False
+    return any(isinstance(try_to_load_from_cache(repo, f), str)
+               for f in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin"))

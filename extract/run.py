@@ -1,0 +1,225 @@
+"""The extraction loop: images -> backbone -> the units of an activation store.
+
+Each process takes the units `u` with `u % world == rank` that are not done yet. Images are
+decoded and preprocessed in DataLoader workers, the backbone runs in the main process, and a
+finished unit is written by a background thread while the next one is computed. Batches never
+cross a unit boundary and always start at the unit's first image, so a unit's tokens do not
+depend on which process computed it, or whether the run was interrupted before.
+"""
+
+import io
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from archsae.errors import UserError
+from archsae.cache import StoreSpec, create_or_open, default_chunk_images, is_store, open_store
+from archsae.extract.presets import build_backbone
+from archsae.extract.sources import ImageSource, open_source
+from archsae.extract.demo_data import write_demo_shards
+
+ON_ERROR = ("skip", "fail")
+
+
+@dataclass
+class Ranks:
+    rank: int
+    world: int
+    distributed: bool  # launched by torchrun: a process group exists
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+
+def resolve_ranks(rank: int | None, world: int | None) -> Ranks:
+    """--rank/--world as given, else torchrun's environment (gloo on CPU, nccl on CUDA)."""
+    if rank is not None or world is not None:
+        rank, world = rank or 0, world or 1
+        if not 0 <= rank < world:
+            raise UserError(f"--rank {rank} is not in 0..{world - 1}: give 0 <= rank < world")
+        return Ranks(rank, world, False)
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if env_world > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend)
+        return Ranks(torch.distributed.get_rank(), env_world, True)
+    return Ranks(0, 1, False)
+
+
+def resolve_data(data: str, demo_images: int) -> str:
+    return write_demo_shards(demo_images) if data == "demo" else data
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """Image i of a source, decoded and preprocessed; a failure becomes an error string."""
+
+    def __init__(self, source: ImageSource, transform):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        try:
+            with Image.open(io.BytesIO(self.source.read(i))) as img:
+                return i, self.transform(img.convert("RGB")), ""
+        except Exception as exc:  # any decoder failure is a bad image, never a crash
+            return i, None, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def collate(items):
+    return items
+
+
+def unit_batches(bounds: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Image indices per batch; batches start at each unit's first image and stay inside it."""
+    return [list(range(b, min(b + batch_size, stop)))
+            for start, stop in bounds for b in range(start, stop, batch_size)]
+
+
+def extract(model: str, data: str, out, weights: str = "pretrained", limit: int | None = None,
+            batch_size: int = 32, layer: int | None = None, rank: int | None = None,
+            world: int | None = None, dtype: str = "float16", on_error: str = "skip",
+            chunk_images: int | None = None, workers: int | None = None,
+            device: str | None = None, demo_images: int = 256, progress: bool = True):
+    """Fill (or finish) the store at `out`; returns the open store."""
+    if on_error not in ON_ERROR:
+        raise UserError(f"--on-error {on_error!r} is not one of {', '.join(ON_ERROR)}")
+    if dtype not in ("float16", "float32"):
+        raise UserError(f"--dtype {dtype!r} is not supported: use float16 or float32")
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise UserError("--batch-size and --limit must be positive integers")
+    if is_store(out):  # refuse a foreign store before building anything
+        existing = open_store(out).attrs
+        if existing.get("model") != model:
+            raise UserError(f"{out} already holds a store made by model {existing.get('model')!r}, "
+                            f"not {model!r}: pass another --out or delete that folder")
+    ranks = resolve_ranks(rank, world)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if ranks.distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    source = open_source(resolve_data(data, demo_images)).limit(limit)
+    backbone = build_backbone(model, weights, layer, device)
+    kinds, grid, d, d_pooled = backbone.token_layout()
+    itemsize = np.dtype(dtype).itemsize
+    spec = StoreSpec(
+        n_images=len(source), token_kind=kinds, d=d, d_pooled=d_pooled, dtype=dtype,
+        chunk_images=chunk_images or default_chunk_images(len(kinds), d, itemsize),
+        provenance={
+            "model": model, "timm_name": backbone.timm_name, "weights": backbone.weights,
+            "layer": "forward_features" if layer is None else layer,
+            "preprocessing": {k: list(v) if isinstance(v, tuple) else v
+                              for k, v in backbone.data_config.items()},
+            "patch_grid": grid, "source": source.describe(),
+            "source_hash": source.manifest_hash(),
+        })
+    if ranks.rank == 0 or not ranks.distributed:
+        _check_disk(out, spec, itemsize)
+        store = create_or_open(out, spec)
+    ranks.barrier()
+    if ranks.rank != 0 and ranks.distributed:
+        store = create_or_open(out, spec)
+    todo = [u for u in range(store.n_units) if u % ranks.world == ranks.rank]
+    done = store.done_units()
+    todo = [u for u in todo if not done[u]]
+    if progress and ranks.rank == 0:
+        print(f"archsae: {model} ({backbone.timm_name}) weights={backbone.weights}, "
+              f"{len(source)} images -> {out}")
+    _run_units(store, source, backbone, todo, batch_size, on_error, workers, device,
+               progress, ranks)
+    ranks.barrier()
+    return store
+
+
+def _check_disk(out, spec: StoreSpec, itemsize: int) -> None:
+    """Refuse to start when the uncompressed tokens would not fit on the disk of `out`."""
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    need = spec.n_images * (spec.n_tokens * spec.d + (spec.d_pooled or 0)) * itemsize
+    if is_store(out):
+        st = open_store(out)
+        need = int(need * (1 - st.done_units().mean()))
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise UserError(f"not enough free disk for {out}: about {need / 1e9:.2f} GB needed, "
+                        f"{free / 1e9:.2f} GB free: free some space or pass another --out")
+
+
+def _run_units(store, source, backbone, units, batch_size, on_error, workers, device, progress,
+               ranks) -> None:
+    import timm
+
+    if not units:
+        return
+    transform = timm.data.create_transform(**backbone.data_config)
+    bounds = [store.unit_bounds(u) for u in units]
+    if workers is None:
+        workers = max(1, min(8, (os.cpu_count() or 2) // max(1, ranks.world) - 1))
+    loader = torch.utils.data.DataLoader(
+        DecodedImages(source, transform), batch_sampler=unit_batches(bounds, batch_size),
+        num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None, persistent_workers=False)
+    np_dtype = np.dtype(store.attrs["dtype"])
+    n_total = sum(b - a for a, b in bounds)
+    bar = tqdm(total=n_total, unit="img", desc=f"extract rank {ranks.rank}" if ranks.world > 1
+               else "extract", position=ranks.rank if ranks.distributed else 0,
+               disable=not progress, dynamic_ncols=True)
+    unit_iter = iter(zip(units, bounds))
+    unit, (start, stop) = next(unit_iter)
+    buf = _UnitBuffer(store, start, stop, np_dtype)
+    writing = None
+    with ThreadPoolExecutor(1) as writer, torch.inference_mode():
+        for batch in loader:
+            ok = [(i, x) for i, x, err in batch if not err]
+            for i, _, err in batch:
+                buf.keys[i - start] = source.records[i].key
+                buf.labels[i - start] = source.records[i].label
+                if err:
+                    if on_error == "fail":
+                        raise UserError(f"cannot read image {source.records[i].key} in "
+                                        f"{source.records[i].path}: {err}: fix or remove it, or "
+                                        "pass --on-error skip")
+                    buf.errors[i - start] = err
+            if ok:
+                images = torch.stack([x for _, x in ok]).to(device, non_blocking=True)
+                tokens, pooled = backbone.features(images)
+                rows = [i - start for i, _ in ok]
+                buf.tokens[rows] = tokens.float().cpu().numpy()
+                buf.pooled[rows] = pooled.float().cpu().numpy()
+            bar.update(len(batch))
+            if batch[-1][0] == stop - 1:  # unit complete: hand it to the writer
+                if writing is not None:
+                    writing.result()
+                writing = writer.submit(buf.write, unit)
+                nxt = next(unit_iter, None)
+                if nxt is not None:
+                    unit, (start, stop) = nxt
+                    buf = _UnitBuffer(store, start, stop, np_dtype)
+        if writing is not None:
+            writing.result()
+    bar.close()
+
+
+class _UnitBuffer:
+    """One unit's arrays, filled batch by batch, written in one go."""
+
+    def __init__(self, store, start, stop, dtype):
+        n = stop - start
+        self.store = store
+        self.tokens = np.zeros((n, store.n_tokens, store.d), dtype)
+        self.pooled = np.zeros((n, store.group["pooled"].shape[1]), dtype)
+        self.keys = [""] * n
+        self.labels = np.full(n, -1, np.int64)
+        self.errors = [""] * n
+
+    def write(self, unit: int) -> None:
+        self.store.write_unit(unit, self.tokens, self.keys, self.labels, self.errors, self.pooled)
