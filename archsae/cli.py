@@ -1,6 +1,7 @@
 """The `archsae` command line: one sub-command per stage."""
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -47,7 +48,7 @@ def extract(model, data, out, weights, limit, batch_size, layer, rank, world, dt
                         layer=layer, rank=rank, world=world, dtype=dtype, on_error=on_error,
                         chunk_images=chunk_images, workers=workers, device=device,
                         demo_images=demo_images)
-    if store.complete:
+    if store.complete and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
         _print_info(store.summary())
 
 

@@ -86,7 +86,7 @@ def import_activations(src: str, out, key: str | None = None, dtype: str = "floa
     itemsize = np.dtype(dtype).itemsize
     spec = StoreSpec(
         n_images=n, token_kind=np.full(t, TOKEN_KINDS.index("token")), d=d, dtype=dtype,
-        chunk_images=chunk_images or default_chunk_images(t, d, itemsize),
+        chunk_images=chunk_images or default_chunk_images(n, t, d, itemsize),
         provenance={"model": "imported", "timm_name": None, "weights": "unknown (imported)",
                     "layer": None, "preprocessing": None, "patch_grid": None,
                     "source": {"kind": "import", "location": str(src), "key": key,

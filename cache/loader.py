@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from zarr.core.buffer.cpu import NDBuffer
 
 from archsae.errors import UserError
 from archsae.cache.store import ActivationStore, open_store
@@ -61,6 +62,7 @@ class TokenStore:
         self.mean = torch.from_numpy(mean).float()
         self.std = torch.from_numpy(std).float()
         self.shuffle_tokens, self.threads, self.prefetch = shuffle_tokens, threads, prefetch
+        self._tokens = self.store.tokens
 
     def num_batches(self, batch_size: int, drop_last: bool = True) -> int:
         return self.n_tokens // batch_size if drop_last else -(-self.n_tokens // batch_size)
@@ -68,8 +70,13 @@ class TokenStore:
     def read_unit(self, unit: int, out: np.ndarray | None = None) -> np.ndarray:
         """The selected tokens of one unit as rows (n, d), in the stored dtype."""
         start, stop = self.store.unit_bounds(unit)
-        chunk = self.store.tokens[start:stop]
         images = self.unit_images[unit]
+        whole = len(images) == stop - start and len(self.positions) == self.store.n_tokens
+        if whole and out is not None:  # decode straight into the caller's buffer
+            view = out.reshape(stop - start, self.store.n_tokens, self.d)
+            self._tokens.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(view))
+            return out
+        chunk = self._tokens[start:stop]
         if len(images) < stop - start:
             chunk = chunk[images]
         if len(self.positions) < self.store.n_tokens:
@@ -126,10 +133,8 @@ class TokenStore:
                     producer.join(0.05)
 
     def _produce(self, windows, first, skip, batch_size, seed, epoch, shuffle, drop_last, out, stop):
-        def emit(rows: np.ndarray) -> bool:
-            x = torch.from_numpy(rows).float()
-            if self.standardize:
-                x = (x - self.mean) / self.std
+        def emit(rows: torch.Tensor) -> bool:
+            x = torch.addcmul(shift, rows, scale) if self.standardize else rows.float()
             while not stop.is_set():
                 try:
                     out.put(x, timeout=0.1)
@@ -138,41 +143,47 @@ class TokenStore:
                     pass
             return False
 
-        def load(window):
-            buf = np.empty((self.unit_tokens[window].sum(), self.d), self.store.attrs["dtype"])
+        def load(window, space):
+            buf = space[: self.unit_tokens[window].sum()]
             bounds = np.concatenate([[0], np.cumsum(self.unit_tokens[window])])
             jobs = [pool.submit(self.read_unit, u, buf[a:b]) for u, a, b in zip(window, bounds, bounds[1:])]
             return buf, jobs
 
+        scale = 1.0 / self.std
+        shift = -self.mean * scale
+        largest = max(self.unit_tokens[w].sum() for w in windows)
+        spaces = [np.empty((largest, self.d), self.store.attrs["dtype"]) for _ in range(2)]
         try:
             with ThreadPoolExecutor(self.threads) as pool:
-                pending = np.empty((0, self.d), self.store.attrs["dtype"])
-                ahead = load(windows[first])
-                for w in range(first, len(windows)):
+                pending = torch.empty((0, self.d), dtype=torch.float32)
+                ahead = load(windows[first], spaces[first % 2])
+                for w in range(first, len(windows)):  # window w+1 loads while w is served
                     buf, jobs = ahead
                     if w + 1 < len(windows):
-                        ahead = load(windows[w + 1])
+                        ahead = load(windows[w + 1], spaces[(w + 1) % 2])
                     for job in jobs:
                         job.result()
-                    order = (np.random.default_rng([seed, epoch, w]).permutation(len(buf))
-                             if shuffle else np.arange(len(buf)))
+                    order = torch.from_numpy(
+                        np.random.default_rng([seed, epoch, w]).permutation(len(buf))
+                        if shuffle else np.arange(len(buf)))
+                    buf = torch.from_numpy(buf)
                     if w == first:
                         order = order[skip:]
                     i = 0
                     if len(pending):
                         need = batch_size - len(pending)
-                        pending = np.concatenate([pending, buf[order[:need]]])
+                        pending = torch.cat([pending, buf.index_select(0, order[:need]).float()])
                         i = min(need, len(order))
                         if len(pending) == batch_size:
                             if not emit(pending):
                                 return
                             pending = pending[:0]
                     while i + batch_size <= len(order):
-                        if not emit(buf[order[i:i + batch_size]]):
+                        if not emit(buf.index_select(0, order[i:i + batch_size])):
                             return
                         i += batch_size
                     if i < len(order):
-                        pending = np.concatenate([pending, buf[order[i:]]])
+                        pending = torch.cat([pending, buf.index_select(0, order[i:]).float()])
                 if len(pending) and not drop_last:
                     emit(pending)
             out.put(None)

@@ -24,9 +24,10 @@ FORMAT_NAME = "archsae.activations"
 FORMAT_VERSION = 1
 TOKEN_KINDS = ("cls", "register", "patch", "token")
 
-# Chosen by benchmarks/codecs.py on float16 activations: byte-shuffled LZ4 keeps
-# extraction and the loader at full speed; see docs/cache-format.md for the measured figures.
-TOKEN_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+# Chosen by benchmarks/codecs.py on float16 activations: bit-shuffled LZ4 saves about 9% and
+# encodes/decodes at GB/s, faster than a GPU extraction writes or a GPU fit reads. zstd saves
+# more only at levels that encode at ~200 MB/s. Figures in docs/cache-format.md.
+TOKEN_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 # Attributes that must agree for an existing store to be resumed rather than refused.
 IDENTITY_KEYS = ("model", "timm_name", "weights", "layer", "dtype", "preprocessing",
@@ -50,9 +51,10 @@ class StoreSpec:
         return int(len(self.token_kind))
 
 
-def default_chunk_images(n_tokens: int, d: int, itemsize: int, target_bytes: int = 8 << 20) -> int:
+def default_chunk_images(n_images: int, n_tokens: int, d: int, itemsize: int,
+                         target_bytes: int = 8 << 20) -> int:
     """Images per chunk so that a chunk of tokens holds about `target_bytes` before compression."""
-    return max(1, int(target_bytes // (n_tokens * d * itemsize)))
+    return max(1, min(n_images, int(target_bytes // (n_tokens * d * itemsize))))
 
 
 def _attrs_for(spec: StoreSpec) -> dict:

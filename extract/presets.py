@@ -133,12 +133,20 @@ def build_backbone(model: str, weights: str = "pretrained", layer: int | None = 
     return backbone
 
 
+RANDOM_SEED = 0
+
+
+def _random_init(timm, name: str, kwargs: dict):
+    """Random weights from a fixed seed: a resumed or multi-process run sees the same model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        return timm.create_model(name, pretrained=False, **kwargs), f"random:seed{RANDOM_SEED}"
+
+
 def _create(timm, name: str, kwargs: dict, weights: str):
-    if weights == "random":
-        return timm.create_model(name, pretrained=False, **kwargs), "random"
+    if weights == "random" or (weights == "auto" and not _pretrained_cached(timm, name)):
+        return _random_init(timm, name, kwargs)
     if weights in ("pretrained", "auto"):
-        if weights == "auto" and not _pretrained_cached(timm, name):
-            return timm.create_model(name, pretrained=False, **kwargs), "random"
         try:
             net = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as exc:

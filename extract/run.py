@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from archsae.errors import UserError
@@ -71,6 +71,8 @@ class DecodedImages(torch.utils.data.Dataset):
         try:
             with Image.open(io.BytesIO(self.source.read(i))) as img:
                 return i, self.transform(img.convert("RGB")), ""
+        except UnidentifiedImageError:
+            return i, None, "not a readable image (unknown or corrupt format)"
         except Exception as exc:  # any decoder failure is a bad image, never a crash
             return i, None, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
@@ -112,7 +114,7 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
     itemsize = np.dtype(dtype).itemsize
     spec = StoreSpec(
         n_images=len(source), token_kind=kinds, d=d, d_pooled=d_pooled, dtype=dtype,
-        chunk_images=chunk_images or default_chunk_images(len(kinds), d, itemsize),
+        chunk_images=chunk_images or default_chunk_images(len(source), len(kinds), d, itemsize),
         provenance={
             "model": model, "timm_name": backbone.timm_name, "weights": backbone.weights,
             "layer": "forward_features" if layer is None else layer,
@@ -136,6 +138,8 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
     _run_units(store, source, backbone, todo, batch_size, on_error, workers, device,
                progress, ranks)
     ranks.barrier()
+    if ranks.distributed:
+        torch.distributed.destroy_process_group()
     return store
 
 
@@ -170,14 +174,14 @@ def _run_units(store, source, backbone, units, batch_size, on_error, workers, de
         prefetch_factor=4 if workers else None, persistent_workers=False)
     np_dtype = np.dtype(store.attrs["dtype"])
     n_total = sum(b - a for a, b in bounds)
-    bar = tqdm(total=n_total, unit="img", desc=f"extract rank {ranks.rank}" if ranks.world > 1
-               else "extract", position=ranks.rank if ranks.distributed else 0,
-               disable=not progress, dynamic_ncols=True)
     unit_iter = iter(zip(units, bounds))
     unit, (start, stop) = next(unit_iter)
     buf = _UnitBuffer(store, start, stop, np_dtype)
     writing = None
-    with ThreadPoolExecutor(1) as writer, torch.inference_mode():
+    with tqdm(total=n_total, unit="img", desc=f"extract rank {ranks.rank}" if ranks.world > 1
+              else "extract", position=ranks.rank if ranks.distributed else 0,
+              disable=not progress, dynamic_ncols=True) as bar, \
+            ThreadPoolExecutor(1) as writer, torch.inference_mode():
         for batch in loader:
             ok = [(i, x) for i, x, err in batch if not err]
             for i, _, err in batch:
@@ -206,7 +210,6 @@ def _run_units(store, source, backbone, units, batch_size, on_error, workers, de
                     buf = _UnitBuffer(store, start, stop, np_dtype)
         if writing is not None:
             writing.result()
-    bar.close()
 
 
 class _UnitBuffer:

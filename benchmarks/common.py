@@ -1,0 +1,41 @@
+"""Shared by the benchmarks: a store of real activations, and the RESULT line."""
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def result(name: str, value: float, op: str, target: float) -> None:
+    """The one line per figure that `make bench` collects."""
+    print(f"RESULT {name} {value:.3f} target {op} {target}")
+
+
+def real_activation_store(n_images: int, workdir: str | None = None, model: str = "vit"):
+    """A store of `n_images` x 197 x 768 float16 tokens of a ViT-B over the demo photos.
+
+    32 images are really extracted (pretrained weights when cached, else random); the rest
+    repeat them with a small per-image perturbation, so chunks compress like real data.
+    """
+    from archsae.cache import StoreSpec, create_or_open, open_store
+    from archsae.extract.run import extract
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="archsae-bench-"))
+    seed_store = extract(model, "demo", workdir / "seed", weights="auto", limit=32,
+                         progress=False, demo_images=32)
+    real = np.asarray(seed_store.tokens[:]).astype(np.float32)
+    src = open_store(workdir / "seed")
+    spec = StoreSpec(n_images=n_images, token_kind=src.token_kind, d=src.d,
+                     chunk_images=src.chunk_images, provenance={
+                         **{k: src.attrs[k] for k in ("model", "timm_name", "weights", "layer",
+                                                      "preprocessing", "patch_grid")},
+                         "source": {"kind": "benchmark", "n_images": n_images},
+                         "source_hash": f"bench-{n_images}"})
+    store = create_or_open(workdir / "bench", spec)
+    rng = np.random.default_rng(0)
+    for u in range(store.n_units):
+        start, stop = store.unit_bounds(u)
+        idx = np.arange(start, stop) % len(real)
+        tokens = real[idx] + rng.normal(0, 0.02, size=(stop - start, 1, src.d)).astype(np.float32)
+        store.write_unit(u, tokens, keys=[str(i) for i in range(start, stop)])
+    return store

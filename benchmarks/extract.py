@@ -1,0 +1,71 @@
+"""Extraction speed: `archsae extract` (decode, preprocess, forward, pooled head, compress,
+write) against the bare `forward_features` of the same model on the same images, already
+preprocessed in memory, with the same batch size and torch threads, in one run.
+
+Extraction's throughput is its marginal rate: N / (time for 2N images - time for N images),
+so the one-off start (building the model, indexing the shards, starting the decoding workers,
+a few seconds) is printed apart instead of being spread over a small demo set.
+
+    python -m benchmarks.extract [--model vit] [--images 64] [--batch-size 32]
+"""
+
+import argparse
+import io
+import tempfile
+import time
+
+import torch
+from PIL import Image
+
+from benchmarks.common import result
+from archsae.extract.presets import build_backbone
+from archsae.extract.run import extract, resolve_data
+from archsae.extract.sources import open_source
+
+
+def bare_forward(backbone, source, batch_size: int) -> float:
+    """Images/s of forward_features alone, on tensors prepared beforehand."""
+    import timm
+
+    transform = timm.data.create_transform(**backbone.data_config)
+    images = [transform(Image.open(io.BytesIO(source.read(i))).convert("RGB"))
+              for i in range(len(source))]
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(images), batch_size):
+            backbone.model.forward_features(torch.stack(images[b:b + batch_size]))
+    return len(images) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="vit")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    n = args.images
+    data = resolve_data("demo", 2 * n)
+    source = open_source(data).limit(n)
+    backbone = build_backbone(args.model, "random")
+
+    def timed_extract(limit: int) -> float:
+        t = time.perf_counter()
+        extract(args.model, data, tempfile.mkdtemp() + "/store", weights="random", limit=limit,
+                batch_size=args.batch_size, progress=False, demo_images=2 * n)
+        return time.perf_counter() - t
+
+    bare, ours, start = [], [], []
+    for _ in range(args.repeat):  # interleaved; best of each
+        bare.append(bare_forward(backbone, source, args.batch_size))
+        t_n, t_2n = timed_extract(n), timed_extract(2 * n)
+        ours.append(n / (t_2n - t_n))
+        start.append(t_n - n / ours[-1])
+    print(f"{args.model}: bare forward_features {max(bare):.2f} images/s, archsae extract "
+          f"{max(ours):.2f} images/s plus {min(start):.1f} s to start (torch threads "
+          f"{torch.get_num_threads()}, batch {args.batch_size}, {n} and {2 * n} images)")
+    result("extract_vs_forward", max(ours) / max(bare), ">=", 0.90)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from archsae.cli import main
+from archsae.extract.demo_data import write_demo_shards
+
+TINY = "timm:test_vit"  # 160 x 160 input, 1 CLS + 100 patches, d = 64: fast on a CPU
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> str:
+    """Brace pattern of a 24-image demo set (shards of 64: a single tar)."""
+    return write_demo_shards(24, out=tmp_path_factory.mktemp("demo") / "shards")
+
+
+def cli(*args: str):
+    """Run the CLI in-process; returns click's Result (exit_code, output)."""
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def cli_process(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    """Start the CLI as a separate process (for kills and multi-process runs)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "archsae", *map(str, args)], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def info_json(path) -> dict:
+    res = cli("info", path, "--json")
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output)
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
