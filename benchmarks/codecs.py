@@ -1,7 +1,7 @@
 """Which compressor for float16 activations? Ratio and encode/decode speed of numcodecs' codecs
 on real activations (a store made by `archsae extract`, default: a fresh demo extraction).
 
-    python benchmarks/codecs.py [STORE]
+    python -m benchmarks.codecs [STORE]
 
 Prints one line per codec, then RESULT lines for the codec the store uses.
 """
@@ -21,7 +21,7 @@ def sample_activations(path: str | None) -> np.ndarray:
         from archsae.extract.run import extract
 
         path = tempfile.mkdtemp() + "/store"
-        extract("vit", "demo", path, weights="auto", limit=32, progress=False)
+        extract("vit", "demo", path, weights="auto", limit=32, progress=False, demo_images=32)
     store = open_store(path)
     return np.asarray(store.tokens[: store.chunk_images]).astype(np.float16)
 

@@ -57,6 +57,12 @@ def default_chunk_images(n_images: int, n_tokens: int, d: int, itemsize: int,
     return max(1, min(n_images, int(target_bytes // (n_tokens * d * itemsize))))
 
 
+def unit_bounds(unit: int, chunk_images: int, n_images: int) -> tuple[int, int]:
+    """[start, stop) of the images of a unit: the unit-th chunk along the image axis."""
+    start = unit * chunk_images
+    return start, min(start + chunk_images, n_images)
+
+
 def _attrs_for(spec: StoreSpec) -> dict:
     from archsae import __version__
 
@@ -156,8 +162,7 @@ class ActivationStore:
         return self.group["tokens"]
 
     def unit_bounds(self, unit: int) -> tuple[int, int]:
-        start = unit * self.chunk_images
-        return start, min(start + self.chunk_images, self.n_images)
+        return unit_bounds(unit, self.chunk_images, self.n_images)
 
     def kind_counts(self) -> dict[str, int]:
         """Tokens of each kind per image, e.g. {"cls": 1, "register": 4, "patch": 256}."""

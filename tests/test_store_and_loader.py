@@ -1,0 +1,196 @@
+"""The store's unit maths, import, info, and the TokenStore loader."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from hypothesis import given, settings, strategies as st
+
+from archsae.cache import TOKEN_KINDS, StoreSpec, TokenStore, create_or_open, open_store
+from archsae.cache.loader import heldout_images
+from archsae.cache.store import unit_bounds
+from archsae.extract.run import unit_batches
+from conftest import cli, info_json
+
+
+def make_store(path, n=37, kinds=("cls", "register", "patch", "patch", "patch"), d=6, chunk=5,
+               seed=0, errors=()):
+    """A store of Gaussian tokens with a different mean per token kind; returns (store, tokens)."""
+    rng = np.random.default_rng(seed)
+    codes = np.array([TOKEN_KINDS.index(k) for k in kinds])
+    tokens = rng.normal(size=(n, len(kinds), d)) + codes[None, :, None] * 3.0
+    spec = StoreSpec(n_images=n, token_kind=codes, d=d, chunk_images=chunk, dtype="float32",
+                     provenance={"model": "test", "source_hash": f"h{seed}"})
+    store = create_or_open(path, spec)
+    for u in range(store.n_units):
+        a, b = store.unit_bounds(u)
+        errs = ["bad" if i in errors else "" for i in range(a, b)]
+        store.write_unit(u, tokens[a:b], keys=[f"k{i}" for i in range(a, b)], errors=errs)
+    return store, tokens.astype(np.float32)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 500), st.integers(1, 64), st.integers(1, 40))
+def test_unit_batches_tile_each_unit_from_its_start(n, chunk, batch):
+    bounds = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    batches = unit_batches(bounds, batch)
+    assert [i for b in batches for i in b] == list(range(n))
+    for b in batches:
+        assert 1 <= len(b) <= batch and b == list(range(b[0], b[0] + len(b)))
+        assert b[0] // chunk == b[-1] // chunk  # never crosses a unit boundary
+        assert (b[0] % chunk) % batch == 0  # starts at the unit start plus a multiple of batch
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 50))
+def test_unit_bounds_partition_the_images(n, chunk):
+    bounds = [unit_bounds(u, chunk, n) for u in range(-(-n // chunk))]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(b[1] == c[0] for b, c in zip(bounds, bounds[1:]))
+    assert all(0 < b - a <= chunk for a, b in bounds)
+
+
+def test_feature_stats_match_numpy_per_kind(tmp_path):
+    store, tokens = make_store(tmp_path / "s", errors={3, 11})
+    keep = np.ones(len(tokens), bool)
+    keep[[3, 11]] = False
+    for kinds, cols in (("all", slice(None)), ("patch", slice(2, None)), ("cls", slice(0, 1))):
+        n, mean, std = store.feature_stats(kinds)
+        rows = tokens[keep][:, cols].reshape(-1, tokens.shape[-1]).astype(np.float64)
+        assert n == len(rows)
+        np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(std, rows.std(0), rtol=1e-6)
+
+
+def test_stats_do_not_depend_on_write_order(tmp_path):
+    a, tokens = make_store(tmp_path / "a")
+    spec = StoreSpec(n_images=len(tokens), token_kind=a.token_kind, d=a.d, chunk_images=5,
+                     dtype="float32", provenance={"model": "test", "source_hash": "h0"})
+    b = create_or_open(tmp_path / "b", spec)
+    for u in reversed(range(b.n_units)):
+        s, e = b.unit_bounds(u)
+        b.write_unit(u, tokens[s:e], keys=[f"k{i}" for i in range(s, e)])
+    for x, y in zip(a.feature_stats(), b.feature_stats()):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_loader_is_deterministic_and_resumes_exactly(tmp_path):
+    store, _ = make_store(tmp_path / "s", n=60)
+    loader = TokenStore(store, split="all", shuffle_tokens=40)
+    full = list(loader.batches(16, seed=3, epoch=1))
+    assert len(full) == loader.num_batches(16)
+    again = list(loader.batches(16, seed=3, epoch=1))
+    assert all(torch.equal(x, y) for x, y in zip(full, again))
+    for start in (1, 5, len(full) - 1):
+        tail = list(loader.batches(16, seed=3, epoch=1, start=start))
+        assert len(tail) == len(full) - start
+        assert all(torch.equal(x, y) for x, y in zip(full[start:], tail))
+    other = torch.cat(list(loader.batches(16, seed=4, epoch=1)))
+    assert not torch.equal(torch.cat(full), other)
+
+
+def test_loader_epoch_is_a_permutation_of_standardised_tokens(tmp_path):
+    store, tokens = make_store(tmp_path / "s", n=23, errors={4})
+    loader = TokenStore(store, tokens="patch", split="all", shuffle_tokens=10)
+    got = torch.cat(list(loader.batches(7, seed=0, drop_last=False))).numpy().astype(np.float64)
+    rows = np.delete(tokens, 4, axis=0)[:, 2:].reshape(-1, tokens.shape[-1]).astype(np.float64)
+    expected = (rows - rows.mean(0)) / rows.std(0)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(np.sort(got, axis=0), np.sort(expected, axis=0), atol=1e-4)
+    np.testing.assert_allclose(got.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(got.std(0), 1, atol=1e-4)
+
+
+def test_loader_without_shuffle_reads_in_store_order(tmp_path):
+    store, tokens = make_store(tmp_path / "s", n=12)
+    loader = TokenStore(store, tokens="cls", split="all", standardize=False)
+    got = torch.cat(list(loader.batches(5, shuffle=False, drop_last=False))).numpy()
+    np.testing.assert_array_equal(got, tokens[:, 0])
+
+
+def test_heldout_split_is_by_image_disjoint_and_fixed(tmp_path):
+    store, _ = make_store(tmp_path / "s", n=200)
+    train = TokenStore(store, split="train", heldout_fraction=0.2)
+    held = TokenStore(store, split="heldout", heldout_fraction=0.2)
+    assert not (train.image_mask & held.image_mask).any()
+    assert (train.image_mask | held.image_mask).all()
+    assert 20 < held.image_mask.sum() < 60
+    np.testing.assert_array_equal(held.image_mask, heldout_images(200, 0.2, 0))
+
+
+def test_loader_errors_are_one_line(tmp_path):
+    store, _ = make_store(tmp_path / "s", kinds=("patch", "patch"))
+    with pytest.raises(Exception, match="no cls tokens"):
+        TokenStore(store, tokens="cls")
+    with pytest.raises(Exception, match="unknown token kind"):
+        TokenStore(store, tokens="cls_token")
+
+
+def test_incomplete_store_is_refused_by_the_loader(tmp_path):
+    spec = StoreSpec(n_images=10, token_kind=np.zeros(2, int), d=3, chunk_images=5,
+                     provenance={"model": "test", "source_hash": "x"})
+    store = create_or_open(tmp_path / "s", spec)
+    store.write_unit(0, np.zeros((5, 2, 3)), keys=list("abcde"))
+    with pytest.raises(Exception, match="incomplete"):
+        TokenStore(store)
+
+
+@pytest.mark.parametrize("shape", [(50, 8), (20, 3, 8)])
+def test_import_npy(tmp_path, shape):
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    np.save(tmp_path / "a.npy", x)
+    res = cli("import", tmp_path / "a.npy", "--out", tmp_path / "s", "--dtype", "float32",
+              "--chunk-images", 7)
+    assert res.exit_code == 0, res.output
+    info = info_json(tmp_path / "s")
+    t = 1 if len(shape) == 2 else shape[1]
+    assert info["shape"] == [shape[0], t, shape[-1]] and info["token_kinds"] == {"token": t}
+    assert info["complete"] and info["model"] == "imported"
+    np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "s").tokens[:]).reshape(shape), x)
+    loader = TokenStore(tmp_path / "s", split="all")
+    assert loader.n_tokens == shape[0] * t
+
+
+def test_import_safetensors_and_zarr(tmp_path):
+    from safetensors.numpy import save_file
+
+    x = np.random.default_rng(1).normal(size=(30, 4)).astype(np.float32)
+    save_file({"acts": x, "other": x[:2]}, str(tmp_path / "a.safetensors"))
+    res = cli("import", tmp_path / "a.safetensors", "--out", tmp_path / "s1")
+    assert res.exit_code == 2 and "--key" in res.output and not (tmp_path / "s1").exists()
+    res = cli("import", tmp_path / "a.safetensors", "--key", "acts", "--out", tmp_path / "s1")
+    assert res.exit_code == 0, res.output
+    np.testing.assert_allclose(np.asarray(open_store(tmp_path / "s1").tokens[:])[:, 0], x, atol=1e-2)
+    z = zarr.create_array(str(tmp_path / "a.zarr"), shape=x.shape, chunks=(8, 4), dtype="float32")
+    z[:] = x
+    res = cli("import", tmp_path / "a.zarr", "--out", tmp_path / "s2", "--dtype", "float32")
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "s2").tokens[:])[:, 0], x)
+
+
+def test_import_errors(tmp_path):
+    res = cli("import", tmp_path / "missing.npy", "--out", tmp_path / "s")
+    assert res.exit_code == 2 and "does not exist" in res.output
+    np.save(tmp_path / "ints.npy", np.arange(10))
+    res = cli("import", tmp_path / "ints.npy", "--out", tmp_path / "s")
+    assert res.exit_code == 2 and "shape" in res.output
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    res = cli("import", tmp_path / "obj.npy", "--out", tmp_path / "s")
+    assert res.exit_code == 2 and "unpickling" in res.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_info_json_and_text(tmp_path):
+    make_store(tmp_path / "s", n=12, errors={2})
+    info = info_json(tmp_path / "s")
+    for key in ("model", "timm_name", "weights", "shape", "token_kinds", "complete",
+                "bytes_on_disk"):
+        assert key in info
+    assert info["token_kinds"] == {"cls": 1, "register": 1, "patch": 3}
+    assert info["skipped"] == {"k2": "bad"} and info["bytes_per_value"] > 0
+    res = cli("info", tmp_path / "s")
+    assert res.exit_code == 0 and "complete     yes" in res.output and "k2" in res.output
+    res = cli("info", tmp_path)
+    assert res.exit_code == 2 and "not an archsae activation store" in res.output
