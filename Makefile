@@ -18,10 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-## demo: extract the bundled demo photos with a ViT-B/16 (pretrained if cached, else random) and describe the store
+## demo: extract the bundled demo photos with a ViT-B/16 (pretrained if cached, else random); prints the store's summary
 demo: venv
 	$(BIN)/archsae extract --model vit --data demo --weights auto --out $(RUNS)/demo/vit
-	$(BIN)/archsae info $(RUNS)/demo/vit
 
 ## extract: MODEL=dinov2|siglip|vit|convnext|resnet50|timm:<name> DATA=demo|folder|shards WEIGHTS=pretrained|random|auto|file
 extract: venv

@@ -133,6 +133,9 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
     done = store.done_units()
     todo = [u for u in todo if not done[u]]
     if progress and ranks.rank == 0:
+        if weights == "auto" and backbone.weights.startswith("random"):
+            print(f"archsae: no pretrained weights for {backbone.timm_name} in the local cache: "
+                  "using random weights (recorded in the store)")
         print(f"archsae: {model} ({backbone.timm_name}) weights={backbone.weights}, "
               f"{len(source)} images -> {out}")
     _run_units(store, source, backbone, todo, batch_size, on_error, workers, device,
