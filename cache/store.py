@@ -259,6 +259,27 @@ class ActivationStore:
         done = np.repeat(self.done_units(), self.chunk_images)[: self.n_images]
         return done & (np.asarray(self.group["errors"][:]) == "")
 
+    # -- centroids ------------------------------------------------------------------------
+    def centroid_names(self) -> list[str]:
+        return sorted(self.group["centroids"].group_keys()) if "centroids" in self.group else []
+
+    def save_centroids(self, name: str, points: np.ndarray, settings: dict) -> None:
+        """Write `centroids/<name>` atomically: built under a temporary name, then renamed."""
+        tmp = f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        parent = self.group.require_group("centroids")
+        g = parent.create_group(tmp)
+        arr = g.create_array("points", shape=points.shape, chunks=points.shape, dtype="float32")
+        arr[:] = points.astype(np.float32)
+        g.attrs["archsae"] = settings
+        os.replace(self.path / "centroids" / tmp, self.path / "centroids" / name)
+
+    def load_centroids(self, name: str) -> tuple[np.ndarray, dict]:
+        if name not in self.centroid_names():
+            raise UserError(f"{self.path} has no centroids {name!r} (it has "
+                            f"{self.centroid_names() or 'none'}): run `archsae centroids`")
+        g = self.group["centroids"][name]
+        return np.asarray(g["points"][:]), dict(g.attrs["archsae"])
+
     def bytes_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 

@@ -1,0 +1,1 @@
+"""Fit: K-means archetype points, SAE models (encoders x dictionaries), training, checkpoints."""

@@ -1,0 +1,73 @@
+"""Dictionaries: the decoder's atoms D (k x d). Each has `weight()` and `project_()`, the
+constraint map applied after every optimiser step.
+
+- `FreeDictionary`: unconstrained atoms kept at unit norm (the standard SAE decoder).
+- `ArchetypalDictionary`: D = exp(m) (W C + Lambda), C frozen archetype points (K-means
+  centroids), W row-stochastic, ||Lambda_i|| <= delta. delta = 0 is A-SAE, delta > 0 RA-SAE.
+"""
+
+import torch
+from torch import nn
+
+from archsae.errors import UserError
+from archsae.fit.projections import PROJECTIONS, clip_row_norms, unit_rows
+
+
+class FreeDictionary(nn.Module):
+    def __init__(self, concepts: int, d: int, init: torch.Tensor | None = None):
+        super().__init__()
+        weight = torch.randn(concepts, d) if init is None else init.clone().float()
+        self.atoms = nn.Parameter(unit_rows(weight))
+
+    def weight(self) -> torch.Tensor:
+        return self.atoms
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        self.atoms.copy_(unit_rows(self.atoms))
+
+
+class ArchetypalDictionary(nn.Module):
+    """Atoms in (a delta-neighbourhood of) the convex hull of the archetype points C."""
+
+    def __init__(self, concepts: int, points: torch.Tensor, delta: float = 1.0,
+                 projection: str = "exact", multiplier: bool = False, project: bool = True):
+        super().__init__()
+        n_points, d = points.shape
+        if n_points < concepts:
+            raise UserError(f"an archetypal dictionary of {concepts} concepts needs at least "
+                            f"{concepts} centroids, got {n_points}: compute more centroids "
+                            f"(--n-centroids {concepts} or more) or ask for fewer --concepts")
+        if projection not in PROJECTIONS:
+            raise UserError(f"unknown --projection {projection!r}: use one of {', '.join(PROJECTIONS)}")
+        self.register_buffer("points", points.float().contiguous())
+        self.W = nn.Parameter(torch.eye(concepts, n_points))  # atom i starts at centroid i
+        self.relax = nn.Parameter(torch.zeros(concepts, d))
+        self.log_multiplier = nn.Parameter(torch.zeros(()), requires_grad=multiplier)
+        self.delta, self.projection, self.project = float(delta), projection, project
+        self._fused: torch.Tensor | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module._forget_fused())
+
+    def _forget_fused(self) -> None:
+        self._fused = None
+
+    def weight(self) -> torch.Tensor:
+        """D; in eval mode W C + Lambda is fused once and reused."""
+        if self.training:
+            return (self.W @ self.points + self.relax) * self.log_multiplier.exp()
+        if self._fused is None or self._fused.device != self.W.device:
+            with torch.no_grad():
+                self._fused = (self.W @ self.points + self.relax) * self.log_multiplier.exp()
+        return self._fused
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        if not self.project:  # the "projection off" control of the stability study
+            return
+        self.W.copy_(PROJECTIONS[self.projection](self.W))
+        self.relax.copy_(clip_row_norms(self.relax, self.delta))
+        self._forget_fused()
+
+    def train(self, mode: bool = True):
+        self._forget_fused()
+        return super().train(mode)
