@@ -95,3 +95,77 @@ def import_(src, out, key, dtype, chunk_images):
     from archsae.cache.importer import import_activations
 
     _print_info(import_activations(src, out, key=key, dtype=dtype, chunk_images=chunk_images).summary())
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--k", "k", type=int, default=32000, show_default=True, help="Number of centroids (the paper: 32,000).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sample", type=int, help="Tokens given to K-means [256 per centroid, at most all].")
+@click.option("--tokens", default="all", show_default=True, help="all, patch, cls or register.")
+@click.option("--niter", type=int, default=20, show_default=True, help="K-means iterations.")
+@click.option("--force", is_flag=True, help="Recompute even if this centroid set exists.")
+def centroids(store, k, seed, sample, tokens, niter, force):
+    """Faiss K-means on standardised tokens; saved into the store for every later fit."""
+    from archsae.fit.centroids import compute_centroids
+
+    name = compute_centroids(store, k, seed=seed, sample=sample, tokens=tokens, niter=niter, force=force)
+    click.echo(f"centroids {name} in {store}")
+
+
+@main.command("fit")
+@click.argument("store", type=click.Path())
+@click.option("--sae", default="ra", show_default=True, help="ra, a, topk, batchtopk, jumprelu or relu.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Fit directory.")
+@click.option("--concepts", type=int, help="Dictionary size [5 x d].")
+@click.option("--top-k", type=int, help="Active codes per token (target L0 for penalised encoders) [concepts / 10].")
+@click.option("--delta", type=float, help="Relaxation radius of the archetypal dictionary [ra: 1.0, a: 0].")
+@click.option("--encoder", type=click.Choice(["topk", "batchtopk", "jumprelu", "relu"]), help="Override the SAE's encoder.")
+@click.option("--dictionary", type=click.Choice(["free", "archetypal"]), help="Override the SAE's dictionary.")
+@click.option("--projection", type=click.Choice(["exact", "paper"]), default="exact", show_default=True,
+              help="Simplex map after each step: exact Euclidean projection, or the paper's relu + renormalise.")
+@click.option("--no-projection", is_flag=True, help="Control: never project W (atoms may leave the hull).")
+@click.option("--multiplier/--no-multiplier", default=False, show_default=True, help="Learnable scale exp(m) of D (reference library).")
+@click.option("--decoder-init", type=click.Choice(["random", "centroids"]), default="random", show_default=True,
+              help="Free dictionaries: control that starts atom i at centroid i.")
+@click.option("--n-centroids", type=int, help="Centroids to compute when missing [concepts].")
+@click.option("--centroids", "centroid_set", help="Name of an existing centroid set in the store.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=1024, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--dictionary-lr", type=float, help="Learning rate of W and Lambda [5e-3].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tokens", default="all", show_default=True, help="all, patch, cls or register.")
+@click.option("--heldout", type=float, default=0.1, show_default=True, help="Fraction of images held out.")
+@click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
+@click.option("--device", help="cpu, cuda ... [cuda when available].")
+@click.option("--resume", is_flag=True, help="Continue the fit in --out from its last checkpoint.")
+def fit_(store, sae, out, concepts, top_k, delta, encoder, dictionary, projection, no_projection,
+         multiplier, decoder_init, n_centroids, centroid_set, epochs, batch_size, lr, dictionary_lr,
+         seed, tokens, heldout, checkpoint_every, device, resume):
+    """Train an SAE on a store (A-SAE, RA-SAE, or a baseline)."""
+    from archsae.cache import open_store
+    from archsae.fit.sae import sae_settings
+    from archsae.fit.train import FitSettings, fit
+
+    d = open_store(store).d
+    settings = sae_settings(sae, d, concepts, top_k, delta=delta, encoder=encoder,
+                            dictionary=dictionary, projection=projection,
+                            project=not no_projection, multiplier=multiplier,
+                            decoder_init=decoder_init, centroids=centroid_set)
+    cfg = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, dictionary_lr=dictionary_lr,
+                      seed=seed, tokens=tokens, heldout=heldout, checkpoint_every=checkpoint_every,
+                      device=device)
+    summary = fit(store, out, settings, cfg, resume=resume, n_centroids=n_centroids)
+    click.echo(f"{out}: held-out R^2 {summary['r2']:.4f}, L0 {summary['l0']:.1f}, "
+               f"dead {summary['dead']:.3f} ({summary['tokens']} tokens)")
+
+
+@main.command("export")
+@click.argument("fitdir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="A .safetensors file.")
+def export_(fitdir, out):
+    """Write the fit as plain tensors (encoder, decoder, threshold, standardisation)."""
+    from archsae.fit.checkpoint import export
+
+    click.echo(f"wrote {export(fitdir, out)}")

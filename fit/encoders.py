@@ -4,7 +4,8 @@
 - `BatchTopK`: keep the k * B largest over the batch; at inference a threshold learnt as a running
   mean of the smallest kept value (saved with the weights: the reference library does not).
 - `JumpReLU`: z = pre * H(pre - theta), theta learnt through a straight-through rectangle kernel
-  (Rajamanoharan et al. 2024) with an L0 penalty.
+  (Rajamanoharan et al. 2024) with an L0 penalty. Inputs are standardised (codes of order 1),
+  so the kernel's bandwidth is 0.05 rather than the 0.001 used on raw residual streams.
 - `ReLU`: z = relu(pre) with an L1 penalty weighted by atom norms.
 The penalised encoders (JumpReLU, ReLU) reach a target L0 through an adaptive coefficient, so
 every SAE can be compared at the same sparsity.
@@ -93,7 +94,7 @@ class _JumpReLU(torch.autograd.Function):
 class JumpReLU(nn.Module):
     penalised = True
 
-    def __init__(self, concepts: int, top_k: int, bandwidth: float = 1e-3, init_threshold: float = 1e-3):
+    def __init__(self, concepts: int, top_k: int, bandwidth: float = 0.05, init_threshold: float = 1.0):
         super().__init__()
         self.top_k, self.bandwidth = top_k, bandwidth
         self.log_threshold = nn.Parameter(torch.full((concepts,), float(torch.tensor(init_threshold).log())))

@@ -93,13 +93,17 @@ class Trainer:
         torch.manual_seed(fit.seed)
         self.model = SparseAutoencoder(sae, points).to(self.device)
         self.model.project_()
-        groups = [{"params": [], "lr": fit.lr, "name": "model"},
-                  {"params": [], "lr": fit.dictionary_lr or DEFAULT_DICTIONARY_LR, "name": "archetypal"}]
+        # W and Lambda move on the scale of the simplex, not of the encoder: their own rate;
+        # JumpReLU thresholds must travel O(1) in a few hundred steps: 10 x lr.
+        groups = {"model": {"params": [], "lr": fit.lr},
+                  "archetypal": {"params": [], "lr": fit.dictionary_lr or DEFAULT_DICTIONARY_LR},
+                  "threshold": {"params": [], "lr": 10 * fit.lr}}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                archetypal = name in ("dictionary.W", "dictionary.relax")
-                groups[archetypal]["params"].append(p)
-        groups = [g for g in groups if g["params"]]
+                group = ("archetypal" if name in ("dictionary.W", "dictionary.relax") else
+                         "threshold" if name.endswith("log_threshold") else "model")
+                groups[group]["params"].append(p)
+        groups = [{**g, "name": n} for n, g in groups.items() if g["params"]]
         self.base_lrs = [g["lr"] for g in groups]
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8)
         self.step = 0
@@ -174,11 +178,13 @@ class Trainer:
             self.silent_tokens = torch.where(fired, 0, self.silent_tokens + len(x))
             if model.encoder.penalised:  # steer the penalty towards the target L0
                 ratio = float(l0) / s.top_k - 1.0
-                self.penalty_coef *= math.exp(0.05 * max(-1.0, min(1.0, ratio)))
+                self.penalty_coef = min(1e3, max(1e-6, self.penalty_coef * math.exp(
+                    0.01 * max(-1.0, min(1.0, ratio)))))
             centred = x - x.mean(0)
             r2 = 1.0 - float(err.pow(2).sum()) / max(float(centred.pow(2).sum()), 1e-12)
         self.step += 1
-        return {"step": self.step, "loss": float(loss.detach()), "r2": r2, "l0": float(l0),
+        return {"step": self.step, "loss": float(loss.detach()), "mse": float(mse.detach()),
+                "r2": r2, "l0": float(l0), "penalty_coef": self.penalty_coef,
                 "dead": float(dead.float().mean()), "aux": float(aux) if aux is not None else 0.0,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,20 @@ def cli(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def cli_process(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
-    """Start the CLI as a separate process (for kills and multi-process runs)."""
+def cli_process(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """Start the CLI as a separate process (for kills and multi-process runs). Its output goes
+    to a file (a pipe nobody reads would block it); `output(proc)` returns it."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "archsae", *map(str, args)], env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "archsae", *map(str, args)], env=full_env,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def info_json(path) -> dict:

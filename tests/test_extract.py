@@ -18,7 +18,7 @@ from archsae.cache import TOKEN_KINDS, open_store
 from archsae.extract.demo_data import write_demo_shards
 from archsae.extract.presets import build_backbone
 from archsae.extract.sources import open_source
-from conftest import TINY, cli, cli_process, info_json, listing
+from conftest import TINY, cli, cli_process, output, info_json, listing
 
 PRESET_LAYOUTS = {  # preset: (tokens per kind, d, patch grid)
     "dinov2": ({"cls": 1, "register": 4, "patch": 256}, 768, [16, 16]),
@@ -125,7 +125,7 @@ def reference_store(tmp_path_factory):
     data = write_demo_shards(48, out=tmp_path_factory.mktemp("d48") / "shards")
     out = tmp_path_factory.mktemp("ref") / "s"
     proc = cli_process(*_extract_args(data, out))
-    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, output(proc)
     return data, open_store(out)
 
 
@@ -151,7 +151,7 @@ def test_resume_after_sigkill_gives_the_same_tokens(reference_store, tmp_path):
     done_at_kill = killed.done_units()
     assert 0 < done_at_kill.sum() < killed.n_units, "the run should be killed half-way"
     proc = cli_process(*_extract_args(data, out))
-    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, output(proc)
     _assert_same_store(open_store(out), ref)
 
 
@@ -159,13 +159,13 @@ def test_two_processes_by_rank_equal_one(reference_store, tmp_path):
     data, ref = reference_store
     out = tmp_path / "s"
     first = cli_process(*_extract_args(data, out), "--rank", 0, "--world", 2)
-    assert first.wait(timeout=300) == 0, first.stdout.read()
+    assert first.wait(timeout=300) == 0, output(first)
     half = open_store(out)
     assert list(half.done_units()) == [u % 2 == 0 for u in range(half.n_units)]
     written = {p.name for p in (out / "tokens" / "c").iterdir()}
     assert written == {str(u) for u in range(0, half.n_units, 2)}, "rank 0 wrote only its units"
     second = cli_process(*_extract_args(data, out), "--rank", 1, "--world", 2)
-    assert second.wait(timeout=300) == 0, second.stdout.read()
+    assert second.wait(timeout=300) == 0, output(second)
     _assert_same_store(open_store(out), ref)
 
 

@@ -1,0 +1,215 @@
+"""Fit stage: projections, archetypal constraints, every SAE variant, resume, export, errors."""
+
+import json
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from scipy.optimize import linprog
+
+from archsae.cache import TokenStore
+from archsae.fit import export, load
+from archsae.fit.centroids import compute_centroids
+from archsae.fit.projections import clip_row_norms, project_rows_to_simplex, relu_renormalise_rows
+from archsae.fit.sae import sae_settings
+from archsae.fit.train import FitSettings, Trainer, fit
+from conftest import TINY, cli, cli_process, output
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """48 demo images through the tiny ViT: 4,848 tokens of d = 64, with 64 centroids."""
+    from archsae.extract.demo_data import write_demo_shards
+    from archsae.extract.run import extract
+
+    root = tmp_path_factory.mktemp("fitstore")
+    data = write_demo_shards(48, out=root / "shards")
+    path = root / "store"
+    extract(TINY, data, path, weights="random", progress=False, workers=0, demo_images=48)
+    compute_centroids(path, 64, progress=False, niter=5)
+    return path
+
+
+def small(sae, **kw):
+    return sae_settings(sae, 64, concepts=32, top_k=4, centroids="k64-seed0-all", **kw)
+
+
+FAST = dict(epochs=2, batch_size=128, lr=2e-3, log_every=1, checkpoint_every=1000)
+
+
+def test_exact_simplex_projection_golden_cases():
+    w = torch.tensor([[2.0, 0.0, 0.0], [0.6, 0.6, 0.0], [1.0, 0.5, -1.0], [0.2, 0.3, 0.5]])
+    expected = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.75, 0.25, 0.0], [0.2, 0.3, 0.5]])
+    torch.testing.assert_close(project_rows_to_simplex(w), expected)
+
+
+def test_exact_simplex_projection_is_the_nearest_point():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(50, 7, generator=g, dtype=torch.float64) * 2
+    p = project_rows_to_simplex(w)
+    assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(50, dtype=torch.float64))
+    torch.testing.assert_close(project_rows_to_simplex(p), p)  # idempotent
+    others = torch.distributions.Dirichlet(torch.ones(7, dtype=torch.float64)).sample((50, 200))
+    assert ((w[:, None] - others).norm(dim=-1) >= (w - p).norm(dim=-1)[:, None] - 1e-12).all()
+
+
+def test_paper_projection_and_norm_clip():
+    w = torch.tensor([[1.0, 3.0, -2.0], [0.0, 0.0, 4.0]])
+    torch.testing.assert_close(relu_renormalise_rows(w, eps=0), torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.0, 1.0]]))
+    x = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
+    torch.testing.assert_close(clip_row_norms(x, 1.0), torch.tensor([[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]]))
+    assert torch.equal(clip_row_norms(x, 0.0), torch.zeros_like(x))
+
+
+def test_a_sae_atoms_lie_in_the_convex_hull_of_the_centroids(store, tmp_path):
+    fit(store, tmp_path / "a", small("a"), FitSettings(**FAST), progress=False)
+    model = load(tmp_path / "a")
+    W, C = model.dictionary.W.detach().double(), model.dictionary.points.double()
+    assert (W >= 0).all() and torch.allclose(W.sum(-1), torch.ones(len(W), dtype=torch.float64))
+    assert model.dictionary.relax.abs().max() == 0
+    D = model.dictionary.weight().double()  # the fused eval dictionary
+    torch.testing.assert_close(D, W @ C, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(W, torch.eye(*W.shape, dtype=torch.float64)), "W should have moved"
+    Ct = C.T.numpy()
+    for i in range(3):  # independent check: |lambda C - D_i| <= 1e-4 with lambda on the simplex
+        d = D[i].numpy()
+        res = linprog(np.zeros(len(C)), A_ub=np.vstack([Ct, -Ct]), b_ub=np.concatenate([d + 1e-4, 1e-4 - d]),
+                      A_eq=np.ones((1, len(C))), b_eq=[1.0], bounds=(0, None), method="highs")
+        assert res.status == 0
+    far = (D[0] + 100 * D.std()).numpy()  # and a point far outside is not in the hull
+    res = linprog(np.zeros(len(C)), A_ub=np.vstack([Ct, -Ct]), b_ub=np.concatenate([far + 1e-4, 1e-4 - far]),
+                  A_eq=np.ones((1, len(C))), b_eq=[1.0], bounds=(0, None), method="highs")
+    assert res.status == 2
+
+
+def test_ra_sae_relaxation_stays_within_delta(store, tmp_path):
+    fit(store, tmp_path / "ra", small("ra", delta=0.5, projection="paper"), FitSettings(**FAST),
+        progress=False)
+    model = load(tmp_path / "ra")
+    assert model.dictionary.relax.norm(dim=-1).max() <= 0.5 + 1e-5
+    assert model.dictionary.relax.norm(dim=-1).max() > 0.1, "Lambda should be used"
+
+
+@pytest.mark.parametrize("sae", ["ra", "a", "topk", "batchtopk", "jumprelu", "relu"])
+def test_every_sae_trains_and_lowers_its_loss(store, tmp_path, sae):
+    summary = fit(store, tmp_path / sae, small(sae), FitSettings(**{**FAST, "epochs": 6}),
+                  progress=False)
+    rows = [json.loads(l) for l in (tmp_path / sae / "metrics.jsonl").read_text().splitlines()]
+    first, last = np.mean([r["mse"] for r in rows[:3]]), np.mean([r["mse"] for r in rows[-3:]])
+    assert last < 0.85 * first, (sae, first, last)
+    assert 0 < summary["r2"] < 1
+    if sae in ("ra", "a", "topk"):
+        assert summary["l0"] == 4
+    elif sae in ("batchtopk", "jumprelu"):  # the batch rule / the adaptive L0 penalty
+        assert 1 < rows[-1]["l0"] < 3 * 4, rows[-1]["l0"]
+    else:  # L1 steers L0 only slowly: here the penalty must at least be rising towards it
+        assert rows[-1]["penalty_coef"] > rows[0]["penalty_coef"]
+    config = json.loads((tmp_path / sae / "config.json").read_text())
+    assert config["finished"] and config["sae"]["sae"] == sae and config["store"]["d"] == 64
+    assert (config["centroids"] is not None) == (sae in ("ra", "a"))
+
+
+def test_no_projection_control_leaves_the_simplex(store, tmp_path):
+    fit(store, tmp_path / "f", small("a", project=False), FitSettings(**FAST), progress=False)
+    W = load(tmp_path / "f").dictionary.W.detach()
+    assert (W < 0).any() or not torch.allclose(W.sum(-1), torch.ones(len(W)))
+
+
+def test_resume_after_sigterm_equals_an_uninterrupted_fit(store, tmp_path):
+    cfg = FitSettings(**{**FAST, "epochs": 3, "checkpoint_every": 7})
+    fit(store, tmp_path / "ref", small("ra"), cfg, progress=False)
+    trainer = Trainer(store, tmp_path / "cut", small("ra"), cfg, progress=False)
+    step = trainer.train_step
+
+    def interrupted(x):  # a SIGTERM arrives during step 17
+        row = step(x)
+        if trainer.step == 17:
+            signal.raise_signal(signal.SIGTERM)
+        return row
+
+    trainer.train_step = interrupted
+    with pytest.raises(SystemExit):
+        trainer.run()
+    assert json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["step"] == 17
+    fit(store, tmp_path / "cut", small("ra"), cfg, resume=True, progress=False)
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == sorted(set(rows)), "no step is logged twice"
+
+
+def test_resume_after_sigkill_via_cli(store, tmp_path):
+    args = ["fit", store, "--sae", "topk", "--out", tmp_path / "f", "--concepts", 32, "--top-k", 4,
+            "--epochs", 40, "--batch-size", 128, "--checkpoint-every", 10, "--device", "cpu"]
+    ref = cli_process(*[a if a != tmp_path / "f" else tmp_path / "ref" for a in args])
+    assert ref.wait(timeout=300) == 0, output(ref)
+    proc = cli_process(*args)
+    deadline = time.time() + 120
+    while not (tmp_path / "f" / "checkpoint.json").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "f" / "model.safetensors").exists(), "killed before the end"
+    resumed = cli_process(*args, "--resume")
+    assert resumed.wait(timeout=300) == 0, output(resumed)
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "f" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sae", ["ra", "batchtopk"])
+def test_export_round_trip(store, tmp_path, sae):
+    fit(store, tmp_path / "f", small(sae), FitSettings(**FAST), progress=False)
+    res = cli("export", tmp_path / "f", "--out", tmp_path / "plain.safetensors")
+    assert res.exit_code == 0, res.output
+    t = load_file(tmp_path / "plain.safetensors")
+    model = load(tmp_path / "f")
+    x = next(TokenStore(store, split="heldout").batches(64, shuffle=False))
+    with torch.no_grad():
+        x_hat, codes, _ = model(x)
+    pre = (x - t["pre_bias"]) @ t["encoder_weight"].T + t["encoder_bias"]
+    if sae == "ra":
+        v, i = pre.topk(4, dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, i, torch.relu(v))
+    else:
+        z = torch.relu(pre) * (torch.relu(pre) > t["threshold"])
+        assert torch.isfinite(t["threshold"]).all()
+    torch.testing.assert_close(z, codes.dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z @ t["decoder"] + t["pre_bias"], x_hat, atol=1e-4, rtol=1e-4)
+    assert t["input_mean"].shape == (64,) and (t["input_std"] > 0).all()
+
+
+def _one_error_line(res) -> str:
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.splitlines() if l.startswith("Error:")]
+    assert len(lines) == 1, res.output
+    return lines[0]
+
+
+def test_too_few_tokens_for_k_says_the_largest_sensible_k(store):
+    line = _one_error_line(cli("centroids", store, "--k", 100000))
+    n_train = TokenStore(store).n_tokens
+    assert f"largest sensible K is {n_train // 4}" in line and str(n_train) in line
+
+
+def test_fewer_centroids_than_concepts(store, tmp_path):
+    line = _one_error_line(cli("fit", store, "--sae", "ra", "--out", tmp_path / "f", "--concepts", 100,
+                               "--centroids", "k64-seed0-all"))
+    assert "at least 100 centroids" in line and "64" in line
+    assert not (tmp_path / "f" / "model.safetensors").exists()
+
+
+def test_store_fit_mismatch_and_existing_fit(store, tmp_path):
+    import zarr
+    fit(store, tmp_path / "f", small("topk"), FitSettings(**FAST), progress=False)
+    line = _one_error_line(cli("fit", store, "--sae", "topk", "--out", tmp_path / "f"))
+    assert "--resume" in line
+    other = tmp_path / "other.npy"
+    np.save(other, np.random.default_rng(0).normal(size=(400, 32)).astype(np.float32))
+    assert cli("import", other, "--out", tmp_path / "s2").exit_code == 0
+    line = _one_error_line(cli("fit", tmp_path / "s2", "--sae", "topk", "--out", tmp_path / "f", "--resume"))
+    assert "another store" in line and "d=64" in line
+    line = _one_error_line(cli("fit", store, "--sae", "nope", "--out", tmp_path / "g"))
+    assert "unknown --sae" in line
