@@ -15,6 +15,7 @@ from archsae.fit import export, load
 from archsae.fit.centroids import compute_centroids
 from archsae.fit.projections import clip_row_norms, project_rows_to_simplex, relu_renormalise_rows
 from archsae.fit.sae import sae_settings
+from archsae.fit.step import TrainingStep
 from archsae.fit.train import FitSettings, Trainer, fit
 from conftest import TINY, cli, cli_process, output
 
@@ -118,21 +119,22 @@ def test_no_projection_control_leaves_the_simplex(store, tmp_path):
     assert (W < 0).any() or not torch.allclose(W.sum(-1), torch.ones(len(W)))
 
 
-def test_resume_after_sigterm_equals_an_uninterrupted_fit(store, tmp_path):
+def test_resume_after_sigterm_equals_an_uninterrupted_fit(store, tmp_path, monkeypatch):
     cfg = FitSettings(**{**FAST, "epochs": 3, "checkpoint_every": 7})
     fit(store, tmp_path / "ref", small("ra"), cfg, progress=False)
     trainer = Trainer(store, tmp_path / "cut", small("ra"), cfg, progress=False)
-    step = trainer.train_step
+    step = TrainingStep.__call__
 
-    def interrupted(x):  # a SIGTERM arrives during step 17
-        row = step(x)
-        if trainer.step == 17:
+    def interrupted(self, x):  # a SIGTERM arrives during step 17
+        row = step(self, x)
+        if self.step == 17:
             signal.raise_signal(signal.SIGTERM)
         return row
 
-    trainer.train_step = interrupted
+    monkeypatch.setattr(TrainingStep, "__call__", interrupted)
     with pytest.raises(SystemExit):
         trainer.run()
+    monkeypatch.undo()
     assert json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["step"] == 17
     fit(store, tmp_path / "cut", small("ra"), cfg, resume=True, progress=False)
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")

@@ -1,0 +1,135 @@
+"""One training step of an SAE: the loss (reconstruction, sparsity penalty, AuxK), Adam with
+per-group learning rates on a warm-up + cosine schedule, gradient clipping, then the
+dictionary's constraint map. Everything a checkpoint must hold to resume lives here.
+
+Dead codes: AuxK (Gao et al. 2024) for every encoder. The codes that have not fired for
+`dead_tokens` tokens reconstruct the residual error through their own top-k_aux, which gives
+them gradient without changing the main objective; it is the standard remedy for TopK SAEs
+and, unlike the reference library's "reanimation" term, it does not push dead codes to fire
+regardless of whether firing helps the reconstruction.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from archsae.fit.encoders import Codes
+from archsae.fit.sae import SAESettings, SparseAutoencoder
+
+
+@dataclass
+class FitSettings:
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 5e-4
+    dictionary_lr: float | None = None  # archetypal W and Lambda; None: see DEFAULT_DICTIONARY_LR
+    warmup: float = 0.05  # fraction of the steps
+    final_lr: float = 0.1  # fraction of lr reached at the end of the cosine decay
+    clip_grad: float = 1.0
+    aux_k: int | None = None  # None: 2 x top_k
+    aux_alpha: float = 1 / 32
+    dead_tokens: int = 1_000_000  # a code silent for this many tokens is dead
+    tokens: str = "all"
+    heldout: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 500  # steps
+    log_every: int = 20
+    device: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FitSettings":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+DEFAULT_DICTIONARY_LR = 5e-3
+
+
+def lr_factor(step: int, total: int, warmup: float, final: float) -> float:
+    """Linear warm-up over `warmup` of the steps, then cosine decay to `final` x lr."""
+    w = max(1, int(warmup * total))
+    if step < w:
+        return (step + 1) / w
+    progress = min(1.0, (step - w) / max(1, total - w))
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TrainingStep:
+    """The model, its optimiser and the running state of training (step, dead-code counters,
+    penalty coefficient)."""
+
+    def __init__(self, sae: SAESettings, cfg: FitSettings, points: torch.Tensor | None,
+                 total_steps: int, device: torch.device):
+        self.sae, self.cfg, self.total_steps, self.device = sae, cfg, total_steps, device
+        torch.manual_seed(cfg.seed)
+        self.model = SparseAutoencoder(sae, points).to(device)
+        self.model.project_()
+        # W and Lambda move on the scale of the simplex, not of the encoder: their own rate;
+        # JumpReLU thresholds must travel O(1) in a few hundred steps: 10 x lr.
+        groups = {"model": {"params": [], "lr": cfg.lr},
+                  "archetypal": {"params": [], "lr": cfg.dictionary_lr or DEFAULT_DICTIONARY_LR},
+                  "threshold": {"params": [], "lr": 10 * cfg.lr}}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                group = ("archetypal" if name in ("dictionary.W", "dictionary.relax") else
+                         "threshold" if name.endswith("log_threshold") else "model")
+                groups[group]["params"].append(p)
+        groups = [{**g, "name": n} for n, g in groups.items() if g["params"]]
+        self.base_lrs = [g["lr"] for g in groups]
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8)
+        self.step = 0
+        self.penalty_coef = 1e-2
+        self.silent_tokens = torch.zeros(sae.concepts, dtype=torch.int64, device=device)
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        """One optimiser step on a batch of standardised tokens; returns its metrics."""
+        s, cfg, model = self.sae, self.cfg, self.model
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * lr_factor(self.step, self.total_steps, cfg.warmup, cfg.final_lr)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            atoms = model.dictionary.weight()
+            pre = model.pre_activations(x)
+            codes = model.encoder(pre)
+            x_hat = model.decode(codes, atoms)
+            err = (x_hat.float() - x)
+            mse = err.pow(2).sum(-1).mean() / s.d  # 1 - R^2 for standardised data, roughly
+            loss = mse
+            l0 = (codes.dense > 0).float().sum(-1).mean()
+            if model.encoder.penalised:
+                penalty = model.encoder.penalty(pre, codes, atoms.norm(dim=-1)) / s.top_k
+                loss = loss + self.penalty_coef * penalty
+            dead = self.silent_tokens >= cfg.dead_tokens
+            aux = self._aux_loss(pre, atoms, err.detach(), dead) if dead.any() else None
+            if aux is not None:
+                loss = loss + cfg.aux_alpha * aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        self.optimizer.step()
+        model.project_()
+        with torch.no_grad():
+            fired = (codes.dense > 0).any(0)
+            self.silent_tokens = torch.where(fired, 0, self.silent_tokens + len(x))
+            if model.encoder.penalised:  # steer the penalty towards the target L0
+                ratio = float(l0) / s.top_k - 1.0
+                self.penalty_coef = min(1e3, max(1e-6, self.penalty_coef * math.exp(
+                    0.01 * max(-1.0, min(1.0, ratio)))))
+            centred = x - x.mean(0)
+            r2 = 1.0 - float(err.pow(2).sum()) / max(float(centred.pow(2).sum()), 1e-12)
+        self.step += 1
+        return {"step": self.step, "loss": float(loss.detach()), "mse": float(mse.detach()),
+                "r2": r2, "l0": float(l0), "penalty_coef": self.penalty_coef,
+                "dead": float(dead.float().mean()), "aux": float(aux) if aux is not None else 0.0,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _aux_loss(self, pre, atoms, residual, dead):
+        """AuxK: the dead codes' own top-k reconstructs the main reconstruction's error."""
+        k_aux = min(int(dead.sum()), self.cfg.aux_k or 2 * self.sae.top_k)
+        masked = pre.masked_fill(~dead, float("-inf"))
+        values, indices = masked.topk(k_aux, dim=-1)
+        values = torch.relu(values)
+        aux_hat = self.model.decode(Codes(None, indices, values), atoms, bias=False)
+        return (aux_hat.float() - residual).pow(2).sum(-1).mean() / self.sae.d
+
