@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL  ?= vit
+SAE    ?= ra
+K      ?=
+SEED   ?= 0
+FIT    ?= $(RUNS)/fits/$(DATASET)-$(MODEL)-$(SAE)-seed$(SEED)
 DATA   ?= demo
 WEIGHTS ?= pretrained
 RUNS   ?= runs
 DATASET := $(if $(filter demo,$(DATA)),demo,$(basename $(notdir $(firstword $(subst {, ,$(DATA))))))
 STORE  ?= $(RUNS)/$(DATASET)/$(MODEL)
 
-.PHONY: venv demo extract info test bench clean
+.PHONY: venv demo extract info centroids fit test bench clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -29,13 +33,28 @@ extract: venv
 info: venv
 	$(BIN)/archsae info $(STORE)
 
+## centroids: K-means archetype points of a store (K=32000 by default, as in the paper)
+centroids: venv
+	$(BIN)/archsae centroids $(STORE) --k $(or $(K),32000)
+
+## fit: SAE=ra|a|topk|batchtopk|jumprelu|relu on the store of MODEL/DATA; centroids (K, default min(32000, tokens/4)) are computed when missing
+fit: venv
+	$(BIN)/archsae fit $(STORE) --sae $(SAE) --seed $(SEED) --out $(FIT) $(if $(K),--n-centroids $(K)) $(FIT_ARGS)
+
 test: venv
 	$(BIN)/python -m pytest
 
-bench: venv
+REFERENCE := .bench/reference
+$(REFERENCE)/.installed:
+	$(BIN)/pip install --quiet --no-deps --target $(REFERENCE) overcomplete==0.3.0 einops opencv-python-headless 'matplotlib<3.9'
+	touch $@
+
+bench: venv $(REFERENCE)/.installed
 	$(BIN)/python -m benchmarks.extract
 	$(BIN)/python -m benchmarks.loader
 	$(BIN)/python -m benchmarks.codecs
+	$(BIN)/python -m benchmarks.fit_loader
+	$(BIN)/python -m benchmarks.ra_step
 
 clean:
-	rm -rf $(VENV) $(RUNS)
+	rm -rf $(VENV) $(RUNS) .bench

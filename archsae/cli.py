@@ -128,12 +128,13 @@ def centroids(store, k, seed, sample, tokens, niter, force):
 @click.option("--multiplier/--no-multiplier", default=False, show_default=True, help="Learnable scale exp(m) of D (reference library).")
 @click.option("--decoder-init", type=click.Choice(["random", "centroids"]), default="random", show_default=True,
               help="Free dictionaries: control that starts atom i at centroid i.")
-@click.option("--n-centroids", type=int, help="Centroids to compute when missing [concepts].")
+@click.option("--n-centroids", type=int, help="Centroids to compute when missing [min(32000, train tokens / 4)].")
 @click.option("--centroids", "centroid_set", help="Name of an existing centroid set in the store.")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=1024, show_default=True)
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--dictionary-lr", type=float, help="Learning rate of W and Lambda [5e-3].")
+@click.option("--dictionary-eps", type=float, default=1e-8, show_default=True, help="Adam's eps for W and Lambda (larger: steadier W).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tokens", default="all", show_default=True, help="all, patch, cls or register.")
 @click.option("--heldout", type=float, default=0.1, show_default=True, help="Fraction of images held out.")
@@ -142,7 +143,7 @@ def centroids(store, k, seed, sample, tokens, niter, force):
 @click.option("--resume", is_flag=True, help="Continue the fit in --out from its last checkpoint.")
 def fit_(store, sae, out, concepts, top_k, delta, encoder, dictionary, projection, no_projection,
          multiplier, decoder_init, n_centroids, centroid_set, epochs, batch_size, lr, dictionary_lr,
-         seed, tokens, heldout, checkpoint_every, device, resume):
+         dictionary_eps, seed, tokens, heldout, checkpoint_every, device, resume):
     """Train an SAE on a store (A-SAE, RA-SAE, or a baseline)."""
     from archsae.cache import open_store
     from archsae.fit.sae import sae_settings
@@ -154,6 +155,7 @@ def fit_(store, sae, out, concepts, top_k, delta, encoder, dictionary, projectio
                             project=not no_projection, multiplier=multiplier,
                             decoder_init=decoder_init, centroids=centroid_set)
     cfg = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, dictionary_lr=dictionary_lr,
+                      dictionary_eps=dictionary_eps,
                       seed=seed, tokens=tokens, heldout=heldout, checkpoint_every=checkpoint_every,
                       device=device)
     summary = fit(store, out, settings, cfg, resume=resume, n_centroids=n_centroids)

@@ -3,18 +3,33 @@
 import torch
 
 
-def project_rows_to_simplex(w: torch.Tensor) -> torch.Tensor:
+def _simplex_threshold(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tau, support mask) from rows sorted in descending order (Held et al.; Duchi et al.)."""
+    css = u.cumsum(dim=-1) - 1.0
+    ranks = torch.arange(1, u.shape[-1] + 1, device=u.device, dtype=u.dtype)
+    support = (u - css / ranks) > 0
+    rho = support.to(u.dtype).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # last True
+    return css.gather(-1, rho) / (rho + 1).to(u.dtype), support
+
+
+def project_rows_to_simplex(w: torch.Tensor, candidates: int = 64) -> torch.Tensor:
     """Exact Euclidean projection of each row onto the probability simplex {x >= 0, sum x = 1}.
 
-    Sort-based (Held et al. 1974; Duchi et al. 2008): subtract the per-row threshold tau, clip at
-    zero. Unlike relu-and-renormalise, this is the nearest point, and it yields sparse rows.
+    Subtract the per-row threshold tau, clip at zero. Unlike relu-and-renormalise this is the
+    nearest point, and it yields sparse rows. Sparse rows need only their largest entries to
+    fix tau, so tau is computed from the top `candidates` of each row (a linear-time top-k,
+    not a sort of the whole row); rows whose support reaches past the candidates, for which
+    that is not enough, fall back to the full sort. The result is exact either way.
     """
-    u, _ = torch.sort(w, dim=-1, descending=True)
-    css = u.cumsum(dim=-1) - 1.0
-    ranks = torch.arange(1, w.shape[-1] + 1, device=w.device, dtype=w.dtype)
-    support = (u - css / ranks) > 0
-    rho = support.to(w.dtype).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # last True
-    tau = css.gather(-1, rho) / (rho + 1).to(w.dtype)
+    if w.shape[-1] <= 2 * candidates:
+        tau, _ = _simplex_threshold(torch.sort(w, dim=-1, descending=True).values)
+        return torch.clamp(w - tau, min=0.0)
+    tau, support = _simplex_threshold(w.topk(candidates, dim=-1).values)
+    wide = support[..., -1]
+    if wide.all():
+        tau, _ = _simplex_threshold(torch.sort(w, dim=-1, descending=True).values)
+    elif wide.any():
+        tau[wide], _ = _simplex_threshold(torch.sort(w[wide], dim=-1, descending=True).values)
     return torch.clamp(w - tau, min=0.0)
 
 

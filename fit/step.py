@@ -24,6 +24,7 @@ class FitSettings:
     batch_size: int = 1024
     lr: float = 5e-4
     dictionary_lr: float | None = None  # archetypal W and Lambda; None: see DEFAULT_DICTIONARY_LR
+    dictionary_eps: float = 1e-8  # Adam's eps for W and Lambda
     warmup: float = 0.05  # fraction of the steps
     final_lr: float = 0.1  # fraction of lr reached at the end of the cosine decay
     clip_grad: float = 1.0
@@ -68,7 +69,8 @@ class TrainingStep:
         # W and Lambda move on the scale of the simplex, not of the encoder: their own rate;
         # JumpReLU thresholds must travel O(1) in a few hundred steps: 10 x lr.
         groups = {"model": {"params": [], "lr": cfg.lr},
-                  "archetypal": {"params": [], "lr": cfg.dictionary_lr or DEFAULT_DICTIONARY_LR},
+                  "archetypal": {"params": [], "lr": cfg.dictionary_lr or DEFAULT_DICTIONARY_LR,
+                                 "eps": cfg.dictionary_eps},
                   "threshold": {"params": [], "lr": 10 * cfg.lr}}
         for name, p in self.model.named_parameters():
             if p.requires_grad:

@@ -15,11 +15,13 @@ from tqdm import tqdm
 
 from archsae.errors import UserError
 from archsae.cache import TokenStore, open_store
-from archsae.fit.centroids import compute_centroids, load_points
+from archsae.fit.centroids import compute_centroids, largest_sensible_k, load_points
 from archsae.fit.checkpoint import (SCHEMA_VERSION, load_checkpoint, read_config, restore_optimizer,
                                    save_checkpoint, write_json, write_tensors)
 from archsae.fit.sae import SAESettings
 from archsae.fit.step import FitSettings, TrainingStep
+
+PAPER_CENTROIDS = 32000  # K-means centroids per backbone in the paper
 
 
 def store_id(store) -> str:
@@ -176,7 +178,8 @@ def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = F
         if old.get("finished"):
             return old.get("heldout", {})
     elif sae.needs_centroids and sae.centroids is None:
-        k = n_centroids or sae.concepts
+        n_train = TokenStore(store, tokens=cfg.tokens, heldout_fraction=cfg.heldout).n_tokens
+        k = n_centroids or min(PAPER_CENTROIDS, largest_sensible_k(n_train))
         sae.centroids = compute_centroids(store_path, k, seed=0, tokens=cfg.tokens,
                                           progress=progress)
         sae.n_centroids = k

@@ -57,6 +57,16 @@ def test_exact_simplex_projection_is_the_nearest_point():
     assert ((w[:, None] - others).norm(dim=-1) >= (w - p).norm(dim=-1)[:, None] - 1e-12).all()
 
 
+def test_candidate_shortcut_equals_the_full_sort():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 1000, generator=g, dtype=torch.float64) * 0.01
+    w[:20, :3] += 1.0  # sparse rows: support inside the candidates
+    full = project_rows_to_simplex(w, candidates=10**6)
+    fast = project_rows_to_simplex(w, candidates=16)  # the dense rows take the fallback
+    torch.testing.assert_close(fast, full)
+    assert (fast[:20] > 0).sum(-1).max() <= 3 and (fast[20:] > 0).sum(-1).min() > 16
+
+
 def test_paper_projection_and_norm_clip():
     w = torch.tensor([[1.0, 3.0, -2.0], [0.0, 0.0, 4.0]])
     torch.testing.assert_close(relu_renormalise_rows(w, eps=0), torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.0, 1.0]]))
