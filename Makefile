@@ -50,11 +50,13 @@ $(REFERENCE)/.installed:
 	touch $@
 
 bench: venv $(REFERENCE)/.installed
+	test -d $(RUNS)/demo/vit || $(MAKE) demo
 	$(BIN)/python -m benchmarks.extract
 	$(BIN)/python -m benchmarks.loader
 	$(BIN)/python -m benchmarks.codecs
 	$(BIN)/python -m benchmarks.fit_loader
 	$(BIN)/python -m benchmarks.ra_step
+	$(BIN)/python -m benchmarks.demo_fit
 
 clean:
 	rm -rf $(VENV) $(RUNS) .bench

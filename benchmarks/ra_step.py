@@ -1,8 +1,9 @@
 """RA-SAE training-step cost, ours against the paper's reference library, side by side.
 
 At d=768, 3,840 concepts, 32,000 centroids, batch 4,096 (top-k = concepts / 10 for both):
-  ours:      TopK x archetypal (delta 1, exact simplex projection) vs TopK x free dictionary,
-             one `TrainingStep` each (forward, loss, backward, clip, Adam, projection);
+  ours:      TopK x archetypal (delta 1; our default exact simplex projection, and the paper's
+             relu + renormalise, the reference's algorithm) vs TopK x free dictionary, one
+             `TrainingStep` each (forward, loss, backward, clip, Adam, projection);
   reference: overcomplete 0.3.0's RATopKSAE vs TopKSAE, one step of its own `train_sae` loop
              body (zero_grad, forward, criterion(x, x_hat, z_pre, z, model.get_dictionary()),
              backward, clip, Adam) with a plain MSE criterion, as ours has no AuxK term while no
@@ -47,9 +48,10 @@ def ours(args) -> dict:
     points = torch.randn(args.centroids, args.d, generator=g)
     x = torch.randn(args.batch, args.d, generator=g)
     out = {}
-    for name in ("ra", "topk"):
-        sae = sae_settings(name, args.d, args.concepts)
-        learner = TrainingStep(sae, FitSettings(), points if name == "ra" else None, 10**6,
+    for name, sae, extra in (("ra", "ra", {}), ("ra_paper", "ra", {"projection": "paper"}),
+                             ("topk", "topk", {})):
+        settings = sae_settings(sae, args.d, args.concepts, **extra)
+        learner = TrainingStep(settings, FitSettings(), points if sae == "ra" else None, 10**6,
                                torch.device("cpu"))
         out[name] = timed(learner, x, args.steps)
         del learner
@@ -105,11 +107,15 @@ def main() -> None:
     our = ours(args)
     print(f"d={args.d}, {args.concepts} concepts, {args.centroids} centroids, batch {args.batch}, "
           f"torch threads {torch.get_num_threads()}; median of {args.steps} steps (s):")
-    print(f"  ours       RA-SAE {our['ra']:.3f}  TopK {our['topk']:.3f}")
-    print(f"  reference  RA-SAE {ref['ra']:.3f}  TopK {ref['topk']:.3f}")
+    print(f"  ours       RA-SAE {our['ra']:.3f} (exact projection), {our['ra_paper']:.3f} (paper's "
+          f"projection)  TopK {our['topk']:.3f}")
+    print(f"  reference  RA-SAE {ref['ra']:.3f} (paper's projection)  TopK {ref['topk']:.3f}")
+    # The reference was measured at 4-16x its TopK step: ours should stay under its low end.
     result("ra_over_topk_ours", our["ra"] / our["topk"], "<=", 4.0)
-    result("ra_over_topk_reference", ref["ra"] / ref["topk"], ">", 0)
+    result("ra_over_topk_ours_paper_projection", our["ra_paper"] / our["topk"], "<=", 4.0)
+    result("ra_over_topk_reference", ref["ra"] / ref["topk"], "<=", 4.0)
     result("ra_step_reference_over_ours", ref["ra"] / our["ra"], ">=", 1.0)
+    result("ra_step_reference_over_ours_paper_projection", ref["ra"] / our["ra_paper"], ">=", 1.0)
 
 
 if __name__ == "__main__":

@@ -59,8 +59,13 @@ class BatchTopK(nn.Module):
         return Codes(torch.zeros_like(flat).scatter(0, indices, values).view_as(pre))
 
 
+def _rectangle(pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """The pseudo-derivative kernel K((pre - theta) / eps) / eps of a Heaviside step at theta."""
+    return ((pre - theta).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
+
+
 class _JumpGate(torch.autograd.Function):
-    """H(pre - theta) with the rectangle-kernel pseudo-derivative for theta."""
+    """H(pre - theta), with the rectangle-kernel pseudo-derivative for theta."""
 
     @staticmethod
     def forward(ctx, pre, theta, bandwidth):
@@ -71,12 +76,12 @@ class _JumpGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        kernel = ((pre - theta).abs() < eps / 2).to(pre.dtype) / eps
-        return None, (-grad * kernel).sum(0), None
+        return None, (-grad * _rectangle(pre, theta, ctx.bandwidth)).sum(0), None
 
 
 class _JumpReLU(torch.autograd.Function):
+    """pre * H(pre - theta): exact gradient in pre, pseudo-derivative in theta."""
+
     @staticmethod
     def forward(ctx, pre, theta, bandwidth):
         ctx.save_for_backward(pre, theta)
@@ -86,8 +91,7 @@ class _JumpReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        kernel = ((pre - theta).abs() < eps / 2).to(pre.dtype) / eps
+        kernel = _rectangle(pre, theta, ctx.bandwidth)
         return grad * (pre > theta).to(pre.dtype), (-grad * theta * kernel).sum(0), None
 
 

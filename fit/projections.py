@@ -5,32 +5,43 @@ import torch
 
 def _simplex_threshold(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(tau, support mask) from rows sorted in descending order (Held et al.; Duchi et al.)."""
-    css = u.cumsum(dim=-1) - 1.0
+    css = u.cumsum(dim=-1).sub_(1.0)
     ranks = torch.arange(1, u.shape[-1] + 1, device=u.device, dtype=u.dtype)
-    support = (u - css / ranks) > 0
-    rho = support.to(u.dtype).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # last True
-    return css.gather(-1, rho) / (rho + 1).to(u.dtype), support
+    support = u * ranks > css  # a prefix of each row: its length is the support's size
+    first_out = torch.argmin(support.view(torch.uint8), dim=-1, keepdim=True)  # no int64 copy
+    rho = torch.where(support[..., -1:], u.shape[-1], first_out).clamp_min(1)
+    return css.gather(-1, rho - 1) / rho.to(u.dtype), support
 
 
 def project_rows_to_simplex(w: torch.Tensor, candidates: int = 64) -> torch.Tensor:
     """Exact Euclidean projection of each row onto the probability simplex {x >= 0, sum x = 1}.
 
     Subtract the per-row threshold tau, clip at zero. Unlike relu-and-renormalise this is the
-    nearest point, and it yields sparse rows. Sparse rows need only their largest entries to
-    fix tau, so tau is computed from the top `candidates` of each row (a linear-time top-k,
-    not a sort of the whole row); rows whose support reaches past the candidates, for which
-    that is not enough, fall back to the full sort. The result is exact either way.
+    nearest point, and it yields sparse rows. Only the entries above tau matter, so tau comes
+    from a partial sort: the top `candidates` of each row give tau exactly when the support is
+    smaller, and otherwise a lower bound (any subset S gives (sum_S w - 1) / |S| <= tau), which
+    says how many entries can be in the support; the top that many settle tau. A full sort is
+    the last resort, when that is over a thousand entries. The result is exact in every case.
     """
-    if w.shape[-1] <= 2 * candidates:
+    n = w.shape[-1]
+    if n <= 2 * candidates:
         tau, _ = _simplex_threshold(torch.sort(w, dim=-1, descending=True).values)
-        return torch.clamp(w - tau, min=0.0)
+        return (w - tau).clamp_(min=0.0)
     tau, support = _simplex_threshold(w.topk(candidates, dim=-1).values)
     wide = support[..., -1]
-    if wide.all():
-        tau, _ = _simplex_threshold(torch.sort(w, dim=-1, descending=True).values)
-    elif wide.any():
-        tau[wide], _ = _simplex_threshold(torch.sort(w[wide], dim=-1, descending=True).values)
-    return torch.clamp(w - tau, min=0.0)
+    if wide.any():
+        rows = w if wide.all() else w[wide]
+        bound = tau if wide.all() else tau[wide]
+        reach = int(torch.count_nonzero(rows > bound, dim=-1).max()) + 1
+        if reach <= min(1024, n // 4):  # a large top-k is slower than sorting
+            exact, _ = _simplex_threshold(rows.topk(reach, dim=-1).values)
+        else:
+            exact, _ = _simplex_threshold(torch.sort(rows, dim=-1, descending=True).values)
+        if wide.all():
+            tau = exact
+        else:
+            tau[wide] = exact
+    return (w - tau).clamp_(min=0.0)
 
 
 def relu_renormalise_rows(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -123,7 +123,7 @@ class TrainingStep:
         self.step += 1
         return {"step": self.step, "loss": float(loss.detach()), "mse": float(mse.detach()),
                 "r2": r2, "l0": float(l0), "penalty_coef": self.penalty_coef,
-                "dead": float(dead.float().mean()), "aux": float(aux) if aux is not None else 0.0,
+                "dead": float(dead.float().mean()), "aux": float(aux.detach()) if aux is not None else 0.0,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     def _aux_loss(self, pre, atoms, residual, dead):

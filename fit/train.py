@@ -7,7 +7,7 @@ import hashlib
 import json
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +47,8 @@ class Trainer:
             raise UserError(f"--batch-size {fit.batch_size} is larger than the {self.loader.n_tokens} "
                             "training tokens: lower it")
         self.total_steps = self.steps_per_epoch * fit.epochs
+        # "dead" = silent for 1M tokens or one epoch, whichever is shorter (small stores)
+        self.cfg = fit = replace(fit, dead_tokens=min(fit.dead_tokens, self.loader.n_tokens))
         points = load_points(self.store, sae.centroids) if sae.needs_centroids else None
         self.learner = TrainingStep(sae, fit, points, self.total_steps, self.device)
         self.stop_requested = False

@@ -1,0 +1,1 @@
+"""Evaluate: metrics of dictionaries and fits, stability across seeds."""
