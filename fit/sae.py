@@ -85,9 +85,10 @@ class SparseAutoencoder(nn.Module):
         self.encoder = ENCODERS[s.encoder](s.concepts, s.top_k)
         self.pre_bias = nn.Parameter(torch.zeros(s.d))
         self.enc = nn.Linear(s.d, s.concepts)
-        with torch.no_grad():  # z_i = <x, D_i> / |D_i|^2 at init: each code projects on its atom
+        with torch.no_grad():  # z_i = <x, D_i / |D_i|> / mean |D|: top-k picks by alignment
             atoms = self.dictionary.weight()
-            self.enc.weight.copy_(atoms / atoms.pow(2).sum(-1, keepdim=True).clamp_min(1e-12))
+            norms = atoms.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            self.enc.weight.copy_(atoms / norms / norms.mean())
             self.enc.bias.zero_()
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
