@@ -171,3 +171,45 @@ def export_(fitdir, out):
     from archsae.fit.checkpoint import export
 
     click.echo(f"wrote {export(fitdir, out)}")
+
+
+@main.command("evaluate")
+@click.argument("fitdirs", nargs=-1, required=True, type=click.Path())
+@click.option("--store", type=click.Path(), help="The store the fits were made from [as recorded].")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every number here.")
+def evaluate_(fitdirs, store, json_out):
+    """The paper's metrics for each fit, on the held-out split (and per token kind)."""
+    from archsae.evaluate.run import evaluate_fit
+
+    results = [evaluate_fit(f, store) for f in fitdirs]
+    columns = ("r2", "l0", "dead", "ood", "stable_rank", "effective_rank", "coherence",
+               "connectivity", "negative_interference")
+    click.echo(f"{'fit':40s} {'tokens':8s} " + " ".join(f"{c[:10]:>10s}" for c in columns))
+    for r in results:
+        for kind, m in r["metrics"].items():
+            click.echo(f"{r['fit'][-40:]:40s} {kind:8s} " + " ".join(f"{m[c]:10.4f}" for c in columns))
+    if json_out:
+        from archsae.fit.checkpoint import write_json
+
+        write_json(Path(json_out), results)
+
+
+@main.command("stability")
+@click.argument("fitdirs", nargs=-1, required=True, type=click.Path())
+def stability_(fitdirs):
+    """Pairwise signed-Hungarian stability of fits' dictionaries (exact assignment)."""
+    import itertools
+    import statistics
+
+    from archsae.evaluate.stability import stability
+    from archsae.fit import load
+
+    if len(fitdirs) < 2:
+        raise click.UsageError("give at least two fit directories")
+    atoms = {f: load(f).dictionary.weight().detach() for f in fitdirs}
+    scores = []
+    for a, b in itertools.combinations(fitdirs, 2):
+        scores.append(stability(atoms[a], atoms[b]))
+        click.echo(f"{a} ~ {b}: {scores[-1]:.4f}")
+    sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
+    click.echo(f"stability {statistics.mean(scores):.4f} +- {sd:.4f} over {len(scores)} pairs")

@@ -1,0 +1,79 @@
+"""Golden values of the evaluation metrics, and `archsae evaluate` / `archsae stability`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from archsae.evaluate.metrics import CodeTally, coherence, effective_rank, max_cosine, stable_rank
+from conftest import cli
+
+
+def tally_of(x, x_hat, z, atoms):
+    t = CodeTally(atoms)
+    t.update(x[:3], x_hat[:3], z[:3])  # in two batches: pooled, not averaged per batch
+    t.update(x[3:], x_hat[3:], z[3:])
+    return t
+
+
+def test_r2_mean_predictor_is_zero_and_perfect_reconstruction_is_one():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 4, generator=g) * torch.tensor([1.0, 10.0, 0.1, 3.0]) + 5.0
+    atoms, z = torch.eye(4), torch.zeros(10, 4)
+    assert abs(tally_of(x, x.mean(0).expand_as(x), z, atoms).r2()) < 1e-12
+    assert tally_of(x, x, z, atoms).r2() == 1.0
+    # a scalar mean predictor is worse than the per-feature mean: R^2 < 0
+    assert tally_of(x, torch.full_like(x, float(x.mean())), z, atoms).r2() < 0
+
+
+def test_dictionary_metrics_hand_cases():
+    eye = torch.eye(3, 5)
+    assert stable_rank(eye) == pytest.approx(3.0)
+    assert effective_rank(eye) == pytest.approx(3.0)
+    assert coherence(eye) == 0.0
+    d = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, -2.0]])
+    assert coherence(d) == pytest.approx(1 / np.sqrt(2))
+    assert stable_rank(torch.tensor([[3.0, 0.0], [0.0, 1.0]])) == pytest.approx(10 / 9)
+    assert effective_rank(torch.tensor([[3.0, 0.0], [0.0, 1.0]])) == pytest.approx(
+        np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25))))
+    assert max_cosine(d, -d) == pytest.approx(1 / np.sqrt(2))
+
+
+def test_code_statistics_hand_case():
+    atoms = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    z = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 3.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [0.0, 0.0], [2.0, 0.0]]) + 0.0
+    m = tally_of(x, x, z, atoms).summary(atoms)
+    assert m["l0"] == pytest.approx(5 / 5) and m["l0_histogram"] == [1, 3, 1]
+    assert m["dead"] == 0.0
+    # co-firing pairs: (0,0),(0,1),(1,0),(1,1),(2,2): 5 of 9 non-zero
+    assert m["connectivity"] == pytest.approx(1 - 5 / 9)
+    # atoms 0 and 1 fire together (1 x 2) and point in opposite directions: relu(-(2 * -1)) twice
+    assert m["negative_interference"] == pytest.approx(np.sqrt(2 * 2.0 ** 2))
+    # atoms 0 and 2 equal some activation's direction; atom 1 (-x) is at best orthogonal
+    assert m["ood"] == pytest.approx(1 - (1 + 0 + 1) / 3)
+
+
+def test_evaluate_and_stability_cli(tmp_path):
+    from archsae.fit.sae import sae_settings
+    from archsae.fit.train import FitSettings, fit
+
+    x = np.random.default_rng(0).normal(size=(600, 4, 16)).astype(np.float32)
+    np.save(tmp_path / "a.npy", x)
+    assert cli("import", tmp_path / "a.npy", "--out", tmp_path / "s").exit_code == 0
+    for seed in (0, 1):
+        fit(tmp_path / "s", tmp_path / f"f{seed}", sae_settings("topk", 16, 8, 2),
+            FitSettings(epochs=2, batch_size=64, seed=seed), progress=False)
+    res = cli("evaluate", tmp_path / "f0", tmp_path / "f1", "--json", tmp_path / "m.json")
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "m.json").read_text())
+    m = data[0]["metrics"]["all"]
+    assert 0 < m["r2"] < 1 and m["l0"] <= 2 and 0 <= m["dead"] <= 1
+    assert m["tokens"] == 4 * int(np.sum(np.random.default_rng(0).random(600) < 0.1))
+    assert data[0]["metrics"]["all"]["r2"] == pytest.approx(
+        json.loads((tmp_path / "f0" / "config.json").read_text())["heldout"]["r2"], rel=1e-4)
+    res = cli("stability", tmp_path / "f0", tmp_path / "f1")
+    assert res.exit_code == 0 and "over 1 pairs" in res.output
+    res = cli("stability", tmp_path / "f0", tmp_path / "f0")
+    assert "stability 1.0000" in res.output
