@@ -158,9 +158,13 @@ def fit_(store, sae, out, concepts, top_k, delta, encoder, dictionary, projectio
                       dictionary_eps=dictionary_eps,
                       seed=seed, tokens=tokens, heldout=heldout, checkpoint_every=checkpoint_every,
                       device=device)
-    summary = fit(store, out, settings, cfg, resume=resume, n_centroids=n_centroids)
-    click.echo(f"{out}: held-out R^2 {summary['r2']:.4f}, L0 {summary['l0']:.1f}, "
-               f"dead {summary['dead']:.3f} ({summary['tokens']} tokens)")
+    from archsae.evaluate.run import evaluate_fit
+
+    fit(store, out, settings, cfg, resume=resume, n_centroids=n_centroids)
+    result = evaluate_fit(out, progress=False)
+    m = result["metrics"][tokens]
+    click.echo(f"{out}: held-out R^2 {m['r2']:.4f}, L0 {m['l0']:.1f}, dead {m['dead']:.3f} "
+               f"({m['tokens']} tokens); `archsae evaluate {out}` for every metric")
 
 
 @main.command("export")

@@ -13,6 +13,7 @@ import statistics
 import tempfile
 
 from benchmarks.common import result
+from archsae.evaluate.run import evaluate_fit
 from archsae.evaluate.stability import stability
 from archsae.fit import load
 from archsae.fit.centroids import compute_centroids
@@ -35,8 +36,8 @@ def main() -> None:
         for seed in (0, 1):
             settings = sae_settings(sae, 768, args.concepts, args.top_k, centroids=centroids)
             out = f"{work}/{sae}-{seed}"
-            summary = fit(args.store, out, settings, FitSettings(epochs=args.epochs, seed=seed),
-                          progress=False)
+            fit(args.store, out, settings, FitSettings(epochs=args.epochs, seed=seed), progress=False)
+            summary = evaluate_fit(out, progress=False)["metrics"]["all"]
             r2.setdefault(sae, []).append(summary["r2"])
             dictionaries.setdefault(sae, []).append(load(out).dictionary.weight())
             print(f"{sae} seed {seed}: held-out R^2 {summary['r2']:.4f}, L0 {summary['l0']:.1f}, "

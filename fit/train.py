@@ -1,6 +1,6 @@
 """Training an SAE from a store: the loop over the token stream, progress, metrics,
-checkpoints that resume exactly (SIGTERM checkpoints and stops), the held-out summary, and the
-fit directory's files. The maths of a step is in `archsae.fit.step`.
+checkpoints that resume exactly (SIGTERM checkpoints and stops), and the fit directory's
+files. Held-out metrics are the evaluate stage's (`archsae.evaluate.run.evaluate_fit`). The maths of a step is in `archsae.fit.step`.
 """
 
 import hashlib
@@ -88,7 +88,7 @@ class Trainer:
         _truncate_metrics(self.fitdir / "metrics.jsonl", self.learner.step)
         return True
 
-    def run(self) -> dict:
+    def run(self) -> None:
         self.fitdir.mkdir(parents=True, exist_ok=True)
         write_json(self.fitdir / "config.json", self.config(finished=False))
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -117,40 +117,15 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
         self.save()
-        summary = self.evaluate_heldout()
         _, mean, std = self.store.feature_stats(cfg.tokens)
         tensors = {k: v for k, v in self.learner.model.state_dict().items()}
         tensors["input_mean"] = torch.from_numpy(mean).float()
         tensors["input_std"] = torch.from_numpy(std).float()
         write_tensors(self.fitdir / "model.safetensors", tensors)
-        write_json(self.fitdir / "config.json", {**self.config(finished=True), "heldout": summary})
-        return summary
+        write_json(self.fitdir / "config.json", self.config(finished=True))
 
     def _on_sigterm(self, signum, frame):
         self.stop_requested = True  # checkpoint at the end of this step, then exit
-
-    @torch.no_grad()
-    def evaluate_heldout(self) -> dict:
-        """Pooled R^2 (per-feature mean, float64), mean L0 and dead fraction on the held-out split."""
-        loader = TokenStore(self.store, tokens=self.cfg.tokens, split="heldout",
-                            heldout_fraction=self.cfg.heldout)
-        self.learner.model.eval()
-        sse, n, s1, s2 = 0.0, 0, 0.0, 0.0
-        l0, fired = 0.0, torch.zeros(self.sae.concepts, dtype=torch.bool, device=self.device)
-        for x in loader.batches(4096, shuffle=False, drop_last=False):
-            x = x.to(self.device)
-            x_hat, codes, _ = self.learner.model(x)
-            x64 = x.double()
-            sse += float((x_hat.double() - x64).pow(2).sum())
-            s1 = s1 + x64.sum(0)
-            s2 = s2 + x64.pow(2).sum(0)
-            n += len(x)
-            l0 += float((codes.dense > 0).sum())
-            fired |= (codes.dense > 0).any(0)
-        self.learner.model.train()
-        sst = float((s2 - s1.pow(2) / n).sum())
-        return {"r2": 1.0 - sse / sst, "l0": l0 / n, "dead": float((~fired).float().mean()),
-                "tokens": n}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -161,9 +136,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = False,
-        n_centroids: int | None = None, progress: bool = True) -> dict:
+        n_centroids: int | None = None, progress: bool = True) -> None:
     """Train (or resume) a fit; computes the centroids first when the SAE needs them and they
-    are missing. Returns the held-out summary."""
+    are missing."""
     fitdir = Path(fitdir)
     store = open_store(store_path)
     if (fitdir / "config.json").exists():
@@ -178,7 +153,7 @@ def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = F
         sae = SAESettings.from_dict(old["sae"])
         cfg = FitSettings.from_dict({**old["fit"], "device": cfg.device})
         if old.get("finished"):
-            return old.get("heldout", {})
+            return
     elif sae.needs_centroids and sae.centroids is None:
         n_train = TokenStore(store, tokens=cfg.tokens, heldout_fraction=cfg.heldout).n_tokens
         k = n_centroids or min(PAPER_CENTROIDS, largest_sensible_k(n_train))
@@ -188,4 +163,4 @@ def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = F
     trainer = Trainer(store_path, fitdir, sae, cfg, progress)
     if resume:
         trainer.resume()
-    return trainer.run()
+    trainer.run()

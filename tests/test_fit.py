@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from scipy.optimize import linprog
 
 from archsae.cache import TokenStore
-from archsae.fit import export, load
+from archsae.evaluate.run import evaluate_fit
+from archsae.fit import load
 from archsae.fit.centroids import compute_centroids
 from archsae.fit.projections import clip_row_norms, project_rows_to_simplex, relu_renormalise_rows
 from archsae.fit.sae import sae_settings
@@ -106,8 +107,8 @@ def test_ra_sae_relaxation_stays_within_delta(store, tmp_path):
 
 @pytest.mark.parametrize("sae", ["ra", "a", "topk", "batchtopk", "jumprelu", "relu"])
 def test_every_sae_trains_and_lowers_its_loss(store, tmp_path, sae):
-    summary = fit(store, tmp_path / sae, small(sae), FitSettings(**{**FAST, "epochs": 6}),
-                  progress=False)
+    fit(store, tmp_path / sae, small(sae), FitSettings(**{**FAST, "epochs": 6}), progress=False)
+    summary = evaluate_fit(tmp_path / sae, progress=False)["metrics"]["all"]
     rows = [json.loads(l) for l in (tmp_path / sae / "metrics.jsonl").read_text().splitlines()]
     first, last = np.mean([r["mse"] for r in rows[:3]]), np.mean([r["mse"] for r in rows[-3:]])
     assert last < 0.85 * first, (sae, first, last)

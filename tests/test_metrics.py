@@ -71,8 +71,6 @@ def test_evaluate_and_stability_cli(tmp_path):
     m = data[0]["metrics"]["all"]
     assert 0 < m["r2"] < 1 and m["l0"] <= 2 and 0 <= m["dead"] <= 1
     assert m["tokens"] == 4 * int(np.sum(np.random.default_rng(0).random(600) < 0.1))
-    assert data[0]["metrics"]["all"]["r2"] == pytest.approx(
-        json.loads((tmp_path / "f0" / "config.json").read_text())["heldout"]["r2"], rel=1e-4)
     res = cli("stability", tmp_path / "f0", tmp_path / "f1")
     assert res.exit_code == 0 and "over 1 pairs" in res.output
     res = cli("stability", tmp_path / "f0", tmp_path / "f0")
