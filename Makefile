@@ -6,6 +6,7 @@ MODEL  ?= vit
 SAE    ?= ra
 K      ?=
 SEED   ?= 0
+SEEDS  ?= 4
 FIT    ?= $(RUNS)/fits/$(DATASET)-$(MODEL)-$(SAE)-seed$(SEED)
 DATA   ?= demo
 WEIGHTS ?= pretrained
@@ -13,7 +14,7 @@ RUNS   ?= runs
 DATASET := $(if $(filter demo,$(DATA)),demo,$(basename $(notdir $(firstword $(subst {, ,$(DATA))))))
 STORE  ?= $(RUNS)/$(DATASET)/$(MODEL)
 
-.PHONY: venv demo extract info centroids fit test bench clean
+.PHONY: venv demo extract info centroids fit stability test bench clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -40,6 +41,10 @@ centroids: venv
 ## fit: SAE=ra|a|topk|batchtopk|jumprelu|relu on the store of MODEL/DATA; centroids (K, default min(32000, tokens/4)) are computed when missing
 fit: venv
 	$(BIN)/archsae fit $(STORE) --sae $(SAE) --seed $(SEED) --out $(FIT) $(if $(K),--n-centroids $(K)) $(FIT_ARGS)
+
+## stability: SEEDS runs of SAE and of its controls (TopK random init, TopK at centroids, no projection); SUBSETS=1 varies the data instead
+stability: venv
+	$(BIN)/archsae stability-study $(STORE) --sae $(SAE) --seeds $(SEEDS) --out $(RUNS)/stability/$(DATASET)-$(MODEL)-$(SAE)$(if $(SUBSETS),-subsets) $(if $(SUBSETS),--subsets) $(FIT_ARGS)
 
 test: venv
 	$(BIN)/python -m pytest

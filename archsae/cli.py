@@ -217,3 +217,37 @@ def stability_(fitdirs):
         click.echo(f"{a} ~ {b}: {scores[-1]:.4f}")
     sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
     click.echo(f"stability {statistics.mean(scores):.4f} +- {sd:.4f} over {len(scores)} pairs")
+
+
+@main.command("stability-study")
+@click.argument("store", type=click.Path())
+@click.option("--sae", default="ra", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for all the runs.")
+@click.option("--seeds", type=int, default=4, show_default=True, help="Runs per variant.")
+@click.option("--subsets", is_flag=True, help="Vary the training data (90% subsets) instead of the seed.")
+@click.option("--concepts", type=int, help="Dictionary size [5 x d].")
+@click.option("--top-k", type=int, help="Active codes per token [concepts / 10].")
+@click.option("--n-centroids", type=int, help="Centroids to compute when missing [min(32000, train tokens / 4)].")
+@click.option("--centroids", "centroid_set", help="Name of an existing centroid set in the store.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=1024, show_default=True)
+@click.option("--device", help="cpu, cuda ... [cuda when available].")
+def stability_study_(store, sae, out, seeds, subsets, concepts, top_k, n_centroids, centroid_set,
+                     epochs, batch_size, device):
+    """Train seeds (or data subsets) of an SAE and of its controls; report their stability."""
+    from archsae.cache import open_store
+    from archsae.evaluate.study import format_study, stability_study
+    from archsae.fit.centroids import compute_centroids, largest_sensible_k
+    from archsae.cache import TokenStore
+    from archsae.fit.sae import sae_settings
+    from archsae.fit.train import PAPER_CENTROIDS, FitSettings
+
+    if seeds < 2:
+        raise click.UsageError("--seeds must be at least 2: stability compares pairs of runs")
+    d = open_store(store).d
+    settings = sae_settings(sae, d, concepts, top_k, centroids=centroid_set)
+    if settings.centroids is None:  # every variant shares one centroid set
+        k = n_centroids or min(PAPER_CENTROIDS, largest_sensible_k(TokenStore(store).n_tokens))
+        settings.centroids = compute_centroids(store, k)
+    cfg = FitSettings(epochs=epochs, batch_size=batch_size, device=device)
+    click.echo(format_study(stability_study(store, out, settings, cfg, seeds, subsets)))

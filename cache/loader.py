@@ -29,11 +29,14 @@ def heldout_images(n_images: int, fraction: float, seed: int = 0) -> np.ndarray:
 
 
 class TokenStore:
-    """Token rows (n, d) of one store, restricted to a token kind and a split, standardised."""
+    """Token rows (n, d) of one store, restricted to a token kind and a split, standardised.
+
+    `subset` < 1 keeps that fraction of the training images, drawn with `subset_seed`."""
 
     def __init__(self, store, tokens: str = "all", split: str = "train",
                  heldout_fraction: float = 0.1, split_seed: int = 0, standardize: bool = True,
-                 shuffle_tokens: int = 1 << 18, threads: int = 4, prefetch: int = 8):
+                 shuffle_tokens: int = 1 << 18, threads: int = 4, prefetch: int = 8,
+                 subset: float = 1.0, subset_seed: int = 0):
         self.store: ActivationStore = store if isinstance(store, ActivationStore) else open_store(store)
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
@@ -47,6 +50,8 @@ class TokenStore:
         held = heldout_images(self.store.n_images, heldout_fraction, split_seed)
         if split == "train":
             images &= ~held
+            if subset < 1.0:  # a random part of the training images (data-perturbation studies)
+                images &= np.random.default_rng([split_seed, subset_seed]).random(len(images)) < subset
         elif split == "heldout":
             images &= held
         self.image_mask = images

@@ -108,8 +108,9 @@ def load(fitdir, device: str | torch.device = "cpu"):
         raise UserError(f"{fitdir} has not finished training: rerun `archsae fit ... --resume`")
     tensors = load_file(str(Path(fitdir) / "model.safetensors"))
     settings = SAESettings.from_dict(config["sae"])
-    points = tensors.get("dictionary.points")
-    model = SparseAutoencoder(settings, points)
+    if settings.dictionary == "free":  # the trained atoms replace any initial ones
+        settings.decoder_init = "random"
+    model = SparseAutoencoder(settings, tensors.get("dictionary.points"))
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("input_")})
     model.input_mean, model.input_std = tensors["input_mean"], tensors["input_std"]
     return model.to(device).eval()

@@ -33,6 +33,8 @@ class FitSettings:
     dead_tokens: int = 1_000_000  # a code silent for this many tokens is dead
     tokens: str = "all"
     heldout: float = 0.1
+    subset: float = 1.0  # fraction of the training images used (stability across data subsets)
+    subset_seed: int = 0
     seed: int = 0
     checkpoint_every: int = 500  # steps
     log_every: int = 20

@@ -41,7 +41,8 @@ class Trainer:
         if sae.d != self.store.d:
             raise UserError(f"the SAE expects d={sae.d} but {self.store.path} has d={self.store.d}")
         self.device = torch.device(fit.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.loader = TokenStore(self.store, tokens=fit.tokens, split="train", heldout_fraction=fit.heldout)
+        self.loader = TokenStore(self.store, tokens=fit.tokens, split="train", heldout_fraction=fit.heldout,
+                                 subset=fit.subset, subset_seed=fit.subset_seed)
         self.steps_per_epoch = self.loader.num_batches(fit.batch_size)
         if self.steps_per_epoch == 0:
             raise UserError(f"--batch-size {fit.batch_size} is larger than the {self.loader.n_tokens} "

@@ -49,3 +49,17 @@ def info_json(path) -> dict:
 
 def listing(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+@pytest.fixture(scope="session")
+def fit_store(tmp_path_factory):
+    """48 demo images through the tiny ViT: 4,848 tokens of d = 64, with 64 centroids."""
+    from archsae.extract.run import extract
+    from archsae.fit.centroids import compute_centroids
+
+    root = tmp_path_factory.mktemp("fitstore")
+    data = write_demo_shards(48, out=root / "shards")
+    path = root / "store"
+    extract(TINY, data, path, weights="random", progress=False, workers=0, demo_images=48)
+    compute_centroids(path, 64, progress=False, niter=5)
+    return path

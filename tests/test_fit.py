@@ -13,26 +13,16 @@ from scipy.optimize import linprog
 from archsae.cache import TokenStore
 from archsae.evaluate.run import evaluate_fit
 from archsae.fit import load
-from archsae.fit.centroids import compute_centroids
 from archsae.fit.projections import clip_row_norms, project_rows_to_simplex, relu_renormalise_rows
 from archsae.fit.sae import sae_settings
 from archsae.fit.step import TrainingStep
 from archsae.fit.train import FitSettings, Trainer, fit
-from conftest import TINY, cli, cli_process, output
+from conftest import cli, cli_process, output
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """48 demo images through the tiny ViT: 4,848 tokens of d = 64, with 64 centroids."""
-    from archsae.extract.demo_data import write_demo_shards
-    from archsae.extract.run import extract
-
-    root = tmp_path_factory.mktemp("fitstore")
-    data = write_demo_shards(48, out=root / "shards")
-    path = root / "store"
-    extract(TINY, data, path, weights="random", progress=False, workers=0, demo_images=48)
-    compute_centroids(path, 64, progress=False, niter=5)
-    return path
+@pytest.fixture
+def store(fit_store):
+    return fit_store
 
 
 def small(sae, **kw):

@@ -1,0 +1,37 @@
+"""The stability study with its controls, and training on data subsets."""
+
+import json
+
+import numpy as np
+
+from archsae.cache import TokenStore
+from archsae.evaluate.study import stability_study, study_variants
+from archsae.fit.sae import sae_settings
+from archsae.fit.train import FitSettings
+from conftest import cli
+
+
+def test_subsets_are_fixed_parts_of_the_training_images(fit_store):
+    full = TokenStore(fit_store)
+    a = TokenStore(fit_store, subset=0.9, subset_seed=0)
+    b = TokenStore(fit_store, subset=0.9, subset_seed=1)
+    assert not (a.image_mask & ~full.image_mask).any()  # never a held-out image
+    assert a.image_mask.sum() < full.image_mask.sum() and (a.image_mask != b.image_mask).any()
+    np.testing.assert_array_equal(a.image_mask, TokenStore(fit_store, subset=0.9).image_mask)
+
+
+def test_study_has_the_controls_and_reports_every_pair(fit_store, tmp_path):
+    sae = sae_settings("ra", 64, 32, 4, centroids="k64-seed0-all")
+    assert set(study_variants(sae)) == {"ra", "topk", "topk-centroid-init", "ra-no-projection"}
+    assert set(study_variants(sae_settings("topk", 64, 32, 4))) == {"topk", "topk-centroid-init"}
+    report = stability_study(fit_store, tmp_path, sae, FitSettings(epochs=1, batch_size=256),
+                             seeds=3, progress=False)
+    for name, r in report["variants"].items():
+        assert len(r["pairs"]) == 3 and 0 < r["mean"] <= 1 + 1e-9
+    assert report["variants"]["topk-centroid-init"]["mean"] > report["variants"]["topk"]["mean"]
+    saved = json.loads((tmp_path / "stability.json").read_text())
+    assert saved["variants"].keys() == report["variants"].keys()
+    res = cli("stability-study", fit_store, "--sae", "ra", "--out", tmp_path, "--seeds", 3,
+              "--concepts", 32, "--top-k", 4, "--centroids", "k64-seed0-all", "--epochs", 1,
+              "--batch-size", 256)  # reuses the finished runs
+    assert res.exit_code == 0 and "topk-centroid-init" in res.output and "+-" in res.output
