@@ -2,6 +2,7 @@
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -237,17 +238,15 @@ def stability_study_(store, sae, out, seeds, subsets, concepts, top_k, n_centroi
     """Train seeds (or data subsets) of an SAE and of its controls; report their stability."""
     from archsae.cache import open_store
     from archsae.evaluate.study import format_study, stability_study
-    from archsae.fit.centroids import compute_centroids, largest_sensible_k
-    from archsae.cache import TokenStore
     from archsae.fit.sae import sae_settings
-    from archsae.fit.train import PAPER_CENTROIDS, FitSettings
+    from archsae.fit.train import FitSettings, ensure_centroids
 
     if seeds < 2:
         raise click.UsageError("--seeds must be at least 2: stability compares pairs of runs")
-    d = open_store(store).d
-    settings = sae_settings(sae, d, concepts, top_k, centroids=centroid_set)
-    if settings.centroids is None:  # every variant shares one centroid set
-        k = n_centroids or min(PAPER_CENTROIDS, largest_sensible_k(TokenStore(store).n_tokens))
-        settings.centroids = compute_centroids(store, k)
+    settings = sae_settings(sae, open_store(store).d, concepts, top_k, centroids=centroid_set)
     cfg = FitSettings(epochs=epochs, batch_size=batch_size, device=device)
+    # every variant shares one centroid set, the TopK control initialised at it included
+    probe = replace(settings, decoder_init="centroids")
+    ensure_centroids(store, probe, cfg, n_centroids)
+    settings.centroids = probe.centroids
     click.echo(format_study(stability_study(store, out, settings, cfg, seeds, subsets)))

@@ -136,6 +136,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
+def ensure_centroids(store_path, sae: SAESettings, cfg: FitSettings, n_centroids: int | None = None,
+                     progress: bool = True) -> None:
+    """Give `sae` a centroid set when it needs one and names none: computed (or reused) with
+    K = n_centroids, default min(32000, training tokens / 4)."""
+    if not sae.needs_centroids or sae.centroids is not None:
+        return
+    n_train = TokenStore(store_path, tokens=cfg.tokens, heldout_fraction=cfg.heldout).n_tokens
+    k = n_centroids or min(PAPER_CENTROIDS, largest_sensible_k(n_train))
+    sae.centroids = compute_centroids(store_path, k, seed=0, tokens=cfg.tokens, progress=progress)
+    sae.n_centroids = k
+
+
 def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = False,
         n_centroids: int | None = None, progress: bool = True) -> None:
     """Train (or resume) a fit; computes the centroids first when the SAE needs them and they
@@ -155,12 +167,8 @@ def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = F
         cfg = FitSettings.from_dict({**old["fit"], "device": cfg.device})
         if old.get("finished"):
             return
-    elif sae.needs_centroids and sae.centroids is None:
-        n_train = TokenStore(store, tokens=cfg.tokens, heldout_fraction=cfg.heldout).n_tokens
-        k = n_centroids or min(PAPER_CENTROIDS, largest_sensible_k(n_train))
-        sae.centroids = compute_centroids(store_path, k, seed=0, tokens=cfg.tokens,
-                                          progress=progress)
-        sae.n_centroids = k
+    else:
+        ensure_centroids(store_path, sae, cfg, n_centroids, progress)
     trainer = Trainer(store_path, fitdir, sae, cfg, progress)
     if resume:
         trainer.resume()

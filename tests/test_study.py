@@ -35,3 +35,11 @@ def test_study_has_the_controls_and_reports_every_pair(fit_store, tmp_path):
               "--concepts", 32, "--top-k", 4, "--centroids", "k64-seed0-all", "--epochs", 1,
               "--batch-size", 256)  # reuses the finished runs
     assert res.exit_code == 0 and "topk-centroid-init" in res.output and "+-" in res.output
+
+
+def test_topk_study_finds_centroids_for_its_control(fit_store, tmp_path):
+    res = cli("stability-study", fit_store, "--sae", "topk", "--out", tmp_path, "--seeds", 2,
+              "--concepts", 32, "--top-k", 4, "--n-centroids", 64, "--epochs", 1, "--batch-size", 256)
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "topk-centroid-init" / "run0" / "config.json").read_text())
+    assert config["centroids"]["name"] == "k64-seed0-all"
