@@ -7,7 +7,9 @@ hull constraint from its side effects:
 - TopK, decoder initialised at the centroids: the shared, deterministic K-means start alone;
 - the archetypal SAE with the projection turned off: the start without the constraint.
 Stability = signed-Hungarian mean |cos| over every pair of runs, mean +- sd; data are
-standardised (centred) activations, so cosines are not inflated by a shared mean.
+standardised (centred) activations, so cosines are not inflated by a shared mean. Each
+variant's held-out R^2 is reported beside it: a stable dictionary that reconstructs worse is
+not a win.
 """
 
 import itertools
@@ -16,6 +18,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from archsae.evaluate.run import evaluate_fit
 from archsae.evaluate.stability import stability
 from archsae.fit import load
 from archsae.fit.checkpoint import write_json
@@ -41,22 +44,25 @@ def stability_study(store, out, sae: SAESettings, cfg: FitSettings, seeds: int =
               "varies": "data subset (90% of training images)" if subsets else "seed",
               "variants": {}}
     for name, settings in study_variants(sae).items():
-        runs = []
+        runs, r2 = [], []
         for i in range(seeds):
             run_cfg = replace(cfg, subset=0.9, subset_seed=i) if subsets else replace(cfg, seed=i)
             run_dir = out / name / f"run{i}"
             fit(store, run_dir, replace(settings), run_cfg, resume=True, progress=progress)
             runs.append(load(run_dir).dictionary.weight().detach())
+            r2.append(evaluate_fit(run_dir, progress=False)["metrics"][cfg.tokens]["r2"])
         pairs = [stability(a, b) for a, b in itertools.combinations(runs, 2)]
         report["variants"][name] = {
             "mean": statistics.mean(pairs), "sd": statistics.stdev(pairs) if len(pairs) > 1 else 0.0,
-            "pairs": pairs}
+            "pairs": pairs, "heldout_r2": r2}
     write_json(out / "stability.json", report)
     return report
 
 
 def format_study(report: dict) -> str:
-    lines = [f"stability across {report['seeds']} runs varying the {report['varies']}:"]
+    lines = [f"stability across {report['seeds']} runs varying the {report['varies']}, "
+             "and held-out R^2:"]
     for name, r in report["variants"].items():
-        lines.append(f"  {name:28s} {r['mean']:.4f} +- {r['sd']:.4f}")
+        lines.append(f"  {name:28s} {r['mean']:.4f} +- {r['sd']:.4f}   R^2 "
+                     f"{statistics.mean(r['heldout_r2']):.4f}")
     return "\n".join(lines)
