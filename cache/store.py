@@ -280,14 +280,16 @@ class ActivationStore:
         g = self.group["centroids"][name]
         return np.asarray(g["points"][:]), dict(g.attrs["archsae"])
 
-    def bytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+    def bytes_on_disk(self, array: str | None = None) -> int:
+        """Size of the whole store, or of one array, on a local filesystem."""
+        root = self.path / array if array else self.path
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
     def summary(self) -> dict:
         """What `archsae info --json` prints."""
         done = self.done_units()
         size = self.bytes_on_disk()
-        tokens_bytes = sum(f.stat().st_size for f in (self.path / "tokens").rglob("*") if f.is_file())
+        tokens_bytes = self.bytes_on_disk("tokens")
         written_values = sum(self.unit_bounds(u)[1] - self.unit_bounds(u)[0]
                              for u in np.flatnonzero(done)) * self.n_tokens * self.d
         errors = self.errors()
