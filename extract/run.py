@@ -123,12 +123,21 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
             "patch_grid": grid, "source": source.describe(),
             "source_hash": source.manifest_hash(),
         })
-    if ranks.rank == 0 or not ranks.distributed:
+    if ranks.distributed:  # rank 0 creates; a refusal reaches every rank, none waits forever
+        problem = [None]
+        if ranks.rank == 0:
+            try:
+                _check_disk(out, spec, itemsize)
+                create_or_open(out, spec)
+            except UserError as exc:
+                problem = [exc.format_message()]
+        torch.distributed.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            torch.distributed.destroy_process_group()
+            raise UserError(problem[0])
+    else:
         _check_disk(out, spec, itemsize)
-        store = create_or_open(out, spec)
-    ranks.barrier()
-    if ranks.rank != 0 and ranks.distributed:
-        store = create_or_open(out, spec)
+    store = create_or_open(out, spec)
     todo = [u for u in range(store.n_units) if u % ranks.world == ranks.rank]
     done = store.done_units()
     todo = [u for u in todo if not done[u]]

@@ -303,3 +303,16 @@ def test_demo_data_is_deterministic(tmp_path):
     assert a.manifest_hash() == b.manifest_hash()
     assert all(a.read(i) == b.read(i) for i in range(8))
     assert len({r.label for r in a.records}) == 8  # a different photo for each of the first 8
+
+
+def test_torchrun_refusal_reaches_every_rank(demo_shards, tmp_path):
+    out = tmp_path / "s"
+    assert cli("extract", "--model", TINY, "--data", demo_shards, "--weights", "random",
+               "--limit", 4, "--out", out, "--workers", 0).exit_code == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "archsae", "extract", "--model", TINY, "--data", demo_shards, "--weights", "random",
+         "--limit", "6", "--out", str(out), "--workers", "0"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("already holds a store with another data") >= 2
