@@ -114,12 +114,31 @@ def centroids(store, k, seed, sample, tokens, niter, force):
     click.echo(f"centroids {name} in {store}")
 
 
+_TRAINING_OPTIONS = [
+    click.option("--concepts", type=int, help="Dictionary size [5 x d]."),
+    click.option("--top-k", type=int,
+                 help="Active codes per token (target L0 for penalised encoders) [concepts / 10]."),
+    click.option("--n-centroids", type=int,
+                 help="Centroids to compute when missing [min(32000, train tokens / 4)]."),
+    click.option("--centroids", "centroid_set", help="Name of an existing centroid set in the store."),
+    click.option("--epochs", type=int, default=10, show_default=True),
+    click.option("--batch-size", type=int, default=1024, show_default=True),
+    click.option("--device", help="cpu, cuda ... [cuda when available]."),
+]
+
+
+def _training_options(command):
+    """The options shared by every command that trains SAEs."""
+    for option in reversed(_TRAINING_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command("fit")
+@_training_options
 @click.argument("store", type=click.Path())
 @click.option("--sae", default="ra", show_default=True, help="ra, a, topk, batchtopk, jumprelu or relu.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Fit directory.")
-@click.option("--concepts", type=int, help="Dictionary size [5 x d].")
-@click.option("--top-k", type=int, help="Active codes per token (target L0 for penalised encoders) [concepts / 10].")
 @click.option("--delta", type=float, help="Relaxation radius of the archetypal dictionary [ra: 1.0, a: 0].")
 @click.option("--encoder", type=click.Choice(["topk", "batchtopk", "jumprelu", "relu"]), help="Override the SAE's encoder.")
 @click.option("--dictionary", type=click.Choice(["free", "archetypal"]), help="Override the SAE's dictionary.")
@@ -129,10 +148,6 @@ def centroids(store, k, seed, sample, tokens, niter, force):
 @click.option("--multiplier/--no-multiplier", default=False, show_default=True, help="Learnable scale exp(m) of D (reference library).")
 @click.option("--decoder-init", type=click.Choice(["random", "centroids"]), default="random", show_default=True,
               help="Free dictionaries: control that starts atom i at centroid i.")
-@click.option("--n-centroids", type=int, help="Centroids to compute when missing [min(32000, train tokens / 4)].")
-@click.option("--centroids", "centroid_set", help="Name of an existing centroid set in the store.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=1024, show_default=True)
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--dictionary-lr", type=float, help="Learning rate of W and Lambda [5e-3].")
 @click.option("--dictionary-eps", type=float, default=1e-3, show_default=True, help="Adam's eps for W and Lambda (larger: sparser, steadier W; 1e-8: plain Adam).")
@@ -140,7 +155,6 @@ def centroids(store, k, seed, sample, tokens, niter, force):
 @click.option("--tokens", default="all", show_default=True, help="all, patch, cls or register.")
 @click.option("--heldout", type=float, default=0.1, show_default=True, help="Fraction of images held out.")
 @click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
-@click.option("--device", help="cpu, cuda ... [cuda when available].")
 @click.option("--resume", is_flag=True, help="Continue the fit in --out from its last checkpoint.")
 def fit_(store, sae, out, concepts, top_k, delta, encoder, dictionary, projection, no_projection,
          multiplier, decoder_init, n_centroids, centroid_set, epochs, batch_size, lr, dictionary_lr,
@@ -221,18 +235,12 @@ def stability_(fitdirs):
 
 
 @main.command("stability-study")
+@_training_options
 @click.argument("store", type=click.Path())
 @click.option("--sae", default="ra", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for all the runs.")
 @click.option("--seeds", type=int, default=4, show_default=True, help="Runs per variant.")
 @click.option("--subsets", is_flag=True, help="Vary the training data (90% subsets) instead of the seed.")
-@click.option("--concepts", type=int, help="Dictionary size [5 x d].")
-@click.option("--top-k", type=int, help="Active codes per token [concepts / 10].")
-@click.option("--n-centroids", type=int, help="Centroids to compute when missing [min(32000, train tokens / 4)].")
-@click.option("--centroids", "centroid_set", help="Name of an existing centroid set in the store.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=1024, show_default=True)
-@click.option("--device", help="cpu, cuda ... [cuda when available].")
 def stability_study_(store, sae, out, seeds, subsets, concepts, top_k, n_centroids, centroid_set,
                      epochs, batch_size, device):
     """Train seeds (or data subsets) of an SAE and of its controls; report their stability."""

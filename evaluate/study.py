@@ -15,7 +15,7 @@ not a win.
 import itertools
 import json
 import statistics
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from archsae.evaluate.run import evaluate_fit
@@ -40,7 +40,7 @@ def stability_study(store, out, sae: SAESettings, cfg: FitSettings, seeds: int =
                     subsets: bool = False, progress: bool = True) -> dict:
     """Fit every variant `seeds` times (finished runs are reused) and report their stability."""
     out = Path(out)
-    report = {"store": str(store), "sae": sae.to_dict(), "fit": cfg.__dict__, "seeds": seeds,
+    report = {"store": str(store), "sae": sae.to_dict(), "fit": asdict(cfg), "seeds": seeds,
               "varies": "data subset (90% of training images)" if subsets else "seed",
               "variants": {}}
     for name, settings in study_variants(sae).items():

@@ -45,20 +45,23 @@ class Backbone:
     data_config: dict
     layer: int | None
 
-    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token activations (B, T, d) at the chosen layer and the pooled pre-logits (B, d')."""
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the chosen layer's output as timm gives it, prefix tokens first; the final features)."""
         if self.layer is None:
             final = self.model.forward_features(images)
-            tokens = final
-        else:
-            kwargs = {"return_prefix_tokens": True, "output_fmt": "NLC"} if self._is_vit else {}
-            final, inter = self.model.forward_intermediates(images, indices=[self.layer], **kwargs)
-            tokens = inter[0]
-            if self._is_vit:
-                patches, prefix = tokens
-                tokens = torch.cat([prefix, patches], dim=1)
-        pooled = self.model.forward_head(final, pre_logits=True)
-        return _as_token_rows(tokens, self.model), pooled
+            return final, final
+        kwargs = {"return_prefix_tokens": True, "output_fmt": "NLC"} if self._is_vit else {}
+        final, inter = self.model.forward_intermediates(images, indices=[self.layer], **kwargs)
+        raw = inter[0]
+        if self._is_vit:
+            patches, prefix = raw
+            raw = torch.cat([prefix, patches], dim=1)
+        return raw, final
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token activations (B, T, d) at the chosen layer and the pooled pre-logits (B, d')."""
+        raw, final = self._forward(images)
+        return _as_token_rows(raw, self.model), self.model.forward_head(final, pre_logits=True)
 
     @property
     def _is_vit(self) -> bool:
@@ -68,8 +71,9 @@ class Backbone:
         """Probe once: (kind code per token position, patch grid, d, pooled d)."""
         size = self.data_config["input_size"]
         with torch.inference_mode():
-            raw = self._raw_tokens(torch.zeros(1, *size))
-            tokens, pooled = self.features(torch.zeros(1, *size))
+            raw, final = self._forward(torch.zeros(1, *size))
+            tokens = _as_token_rows(raw, self.model)
+            pooled = self.model.forward_head(final, pre_logits=True)
         n_tokens, d = tokens.shape[1:]
         if raw.ndim == 4:  # a feature map: every token is a patch
             grid = list(raw.shape[2:]) if raw.shape[1] == d else list(raw.shape[1:3])
@@ -82,13 +86,6 @@ class Backbone:
         grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
         grid = list(grid) if grid is not None and int(np.prod(grid)) == n_tokens - n_prefix else None
         return np.array(kinds), grid, d, pooled.shape[1]
-
-    def _raw_tokens(self, images):
-        if self.layer is None:
-            return self.model.forward_features(images)
-        kwargs = {"output_fmt": "NLC"} if self._is_vit else {}
-        return self.model.forward_intermediates(images, indices=[self.layer],
-                                                intermediates_only=True, **kwargs)[0]
 
 
 def _as_token_rows(x: torch.Tensor, model) -> torch.Tensor:

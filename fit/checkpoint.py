@@ -28,10 +28,14 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+              metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    _save(tensors, tmp, metadata)
     os.replace(tmp, path)
 
 
@@ -63,11 +67,10 @@ def save_checkpoint(fitdir: Path, step: int, model, optimizer, trainer_tensors: 
     name = f"checkpoint-{step:09d}"
     tmp = fitdir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-              str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = optimizer_tensors(optimizer)
-    save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
-    save_file({k: v.contiguous().cpu() for k, v in trainer_tensors.items()}, str(tmp / "trainer.safetensors"))
+    _save(model.state_dict(), tmp / "model.safetensors")
+    _save(opt_tensors, tmp / "optimizer.safetensors")
+    _save(trainer_tensors, tmp / "trainer.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}))
     shutil.rmtree(fitdir / name, ignore_errors=True)
     os.replace(tmp, fitdir / name)
