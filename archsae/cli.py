@@ -216,34 +216,68 @@ def evaluate_(fitdirs, store, json_out):
 @main.command("stability")
 @click.argument("fitdirs", nargs=-1, required=True, type=click.Path())
 def stability_(fitdirs):
-    """Pairwise signed-Hungarian stability of fits' dictionaries (exact assignment)."""
+    """Pairwise signed-Hungarian stability of fits' dictionaries."""
     import itertools
     import statistics
 
-    from archsae.evaluate.stability import stability
+    from archsae.evaluate.stability import match_atoms
     from archsae.fit import load
 
     if len(fitdirs) < 2:
         raise click.UsageError("give at least two fit directories")
     atoms = {f: load(f).dictionary.weight().detach() for f in fitdirs}
-    scores = []
+    scores, methods = [], set()
     for a, b in itertools.combinations(fitdirs, 2):
-        scores.append(stability(atoms[a], atoms[b]))
+        small, large = sorted((atoms[a], atoms[b]), key=len)
+        _, cos, method = match_atoms(small, large)
+        scores.append(float(abs(cos).mean()))
+        methods.add(method)
         click.echo(f"{a} ~ {b}: {scores[-1]:.4f}")
     sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
-    click.echo(f"stability {statistics.mean(scores):.4f} +- {sd:.4f} over {len(scores)} pairs")
+    click.echo(f"stability {statistics.mean(scores):.4f} +- {sd:.4f} over {len(scores)} pairs; "
+               f"matching: {', '.join(sorted(methods))}")
+
+
+@main.command("baselines")
+@click.argument("store", type=click.Path())
+@click.option("--concepts", type=int, required=True, help="Atoms per baseline (linear methods: at most d).")
+@click.option("--methods", default="all", show_default=True,
+              help="Comma-separated: pca, ica, sparse_pca, kmeans, semi_nmf, convex_nmf, or all.")
+@click.option("--seeds", type=int, default=2, show_default=True, help="Fits per method (stability across them).")
+@click.option("--sample", type=int, default=8192, show_default=True, help="Training tokens per fit.")
+@click.option("--tokens", default="all", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every number here.")
+def baselines_(store, concepts, methods, seeds, sample, tokens, json_out):
+    """PCA, FastICA, sparse PCA, K-means, Semi-NMF, Convex-NMF with the SAEs' metrics."""
+    from archsae.evaluate.baselines import BASELINES, evaluate_baselines
+
+    names = list(BASELINES) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(BASELINES))
+    if unknown:
+        raise click.UsageError(f"unknown method {unknown[0]!r}: use {', '.join(BASELINES)} or all")
+    result = evaluate_baselines(store, concepts, names, seeds, sample, tokens)
+    click.echo(f"{'method':12s} {'atoms':>6s} {'R^2':>8s} {'L0':>8s} {'dead':>6s} {'stability':>9s}")
+    for name, r in result["baselines"].items():
+        m = r["metrics"][tokens]
+        stab = r["stability"]["mean"]
+        click.echo(f"{name:12s} {r['concepts']:6d} {m['r2']:8.4f} {m['l0']:8.1f} {m['dead']:6.3f} "
+                   f"{stab if stab is not None else float('nan'):9.4f}")
+    if json_out:
+        from archsae.fit.checkpoint import write_json
+
+        write_json(Path(json_out), result)
 
 
 @main.command("stability-study")
 @_training_options
 @click.argument("store", type=click.Path())
-@click.option("--sae", default="ra", show_default=True)
+@click.option("--sae", default="ra", show_default=True, help="The SAE(s) to study, comma-separated (e.g. ra,a).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for all the runs.")
 @click.option("--seeds", type=int, default=4, show_default=True, help="Runs per variant.")
 @click.option("--subsets", is_flag=True, help="Vary the training data (90% subsets) instead of the seed.")
 def stability_study_(store, sae, out, seeds, subsets, concepts, top_k, n_centroids, centroid_set,
                      epochs, batch_size, device):
-    """Train seeds (or data subsets) of an SAE and of its controls; report their stability."""
+    """Train seeds (or data subsets) of SAEs and of their controls; report their stability."""
     from archsae.cache import open_store
     from archsae.evaluate.study import format_study, stability_study
     from archsae.fit.sae import sae_settings
@@ -251,10 +285,72 @@ def stability_study_(store, sae, out, seeds, subsets, concepts, top_k, n_centroi
 
     if seeds < 2:
         raise click.UsageError("--seeds must be at least 2: stability compares pairs of runs")
-    settings = sae_settings(sae, open_store(store).d, concepts, top_k, centroids=centroid_set)
+    d = open_store(store).d
+    saes = [sae_settings(name.strip(), d, concepts, top_k, centroids=centroid_set)
+            for name in sae.split(",") if name.strip()]
     cfg = FitSettings(epochs=epochs, batch_size=batch_size, device=device)
     # every variant shares one centroid set, the TopK control initialised at it included
-    probe = replace(settings, decoder_init="centroids")
+    probe = replace(saes[0], decoder_init="centroids")
     ensure_centroids(store, probe, cfg, n_centroids)
-    settings.centroids = probe.centroids
-    click.echo(format_study(stability_study(store, out, settings, cfg, seeds, subsets)))
+    for settings in saes:
+        settings.centroids = probe.centroids
+    click.echo(format_study(stability_study(store, out, saes, cfg, seeds, subsets)))
+
+
+@main.group()
+def bench():
+    """The paper's two benchmarks: plausibility and soft identifiability."""
+
+
+def _write_report(json_out, report) -> None:
+    from archsae.fit.checkpoint import write_json
+
+    write_json(Path(json_out), report)
+    click.echo(f"wrote {json_out}")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+@bench.command("plausibility")
+@click.option("--model", required=True, help="A preset with an ImageNet head (vit, convnext, resnet50) or timm:<name>.")
+@click.option("--weights", default="pretrained", show_default=True, help="pretrained, auto, random, or a .safetensors file.")
+@click.option("--store", type=click.Path(), help="A store of this model's last layer [extract the demo data].")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fits and plausibility.json.")
+@click.option("--sizes", default="512,2048,8192", show_default=True, help="Dictionary sizes (comma-separated).")
+@click.option("--deltas", default="0,0.5,1,2", show_default=True, help="Relaxations of the archetypal SAE (0: A-SAE).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--n-centroids", type=int, help="Archetype points [min(32000, train tokens / 4)].")
+@click.option("--device", help="cpu, cuda ... [cuda when available].")
+def plausibility_(model, weights, store, out, sizes, deltas, epochs, n_centroids, device):
+    """Best cosine between classifier-head rows and atoms, swept over size and delta."""
+    from archsae.evaluate.plausibility import format_plausibility, run_plausibility
+
+    sizes = tuple(int(s) for s in _floats(sizes))
+    report = run_plausibility(model, weights, out, store, sizes, _floats(deltas), epochs,
+                              n_centroids, device)
+    click.echo(format_plausibility(report))
+    _write_report(Path(out) / "plausibility.json", report)
+
+
+@bench.command("identifiability")
+@click.option("--model", required=True, help="Preset or timm:<name>.")
+@click.option("--weights", default="pretrained", show_default=True, help="pretrained, auto, random, or a .safetensors file.")
+@click.option("--collages", type=int, default=4000, show_default=True, help="Collages per object set (half train, half test).")
+@click.option("--objects", type=click.Path(), help="A folder with one image per object [the two bundled sets].")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for collages, stores and identifiability.json.")
+@click.option("--epochs", type=int, default=200, show_default=True, help="SAE epochs over the train collages.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per backbone batch.")
+@click.option("--device", help="cpu, cuda ... [cuda when available].")
+def identifiability_(model, weights, collages, objects, out, epochs, batch_size, device):
+    """Collages of known objects: does one concept tell whether an object is present?"""
+    from archsae.evaluate.identifiability import format_identifiability, run_identifiability
+
+    report = run_identifiability(model, weights, out, collages, objects, epochs=epochs,
+                                 batch_size=batch_size, device=device)
+    click.echo(format_identifiability(report))
+    _write_report(Path(out) / "identifiability.json", report)

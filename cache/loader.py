@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from zarr.core.buffer.cpu import NDBuffer
 
 from archsae.errors import UserError
@@ -91,6 +92,22 @@ class TokenStore:
             return rows
         out[...] = rows
         return out
+
+    def sample(self, n: int, seed: int = 0, progress: bool = False) -> np.ndarray:
+        """A uniform sample of min(n, n_tokens) rows (float32, standardised if the loader is):
+        the head of one shuffled epoch, so memory holds the sample only."""
+        n = min(n, self.n_tokens)
+        x = np.empty((n, self.d), np.float32)
+        got = 0
+        with tqdm(total=n, unit="tok", unit_scale=True, desc="sample tokens", disable=not progress) as bar:
+            for batch in self.batches(min(65536, n), seed=seed, drop_last=False):
+                take = min(len(batch), n - got)
+                x[got:got + take] = batch[:take].numpy()
+                got += take
+                bar.update(take)
+                if got == n:
+                    break
+        return x
 
     def _windows(self, order: np.ndarray) -> list[np.ndarray]:
         windows, current, size = [], [], 0

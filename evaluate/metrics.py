@@ -51,6 +51,7 @@ class CodeTally:
         self.l0 = []
         self.fired = torch.zeros(k, dtype=torch.int64)
         self.cofire = torch.zeros(k, k, dtype=torch.float64)  # sum over tokens of z z^T
+        self.coactive = torch.zeros(k, k, dtype=torch.float64)  # tokens where both are non-zero
         self.best_cos = torch.full((k,), -1.0, dtype=torch.float64)
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor) -> None:
@@ -59,10 +60,11 @@ class CodeTally:
         self.sse += float((x - x_hat).pow(2).sum())
         self.feature_sum += x.sum(0)
         self.feature_sumsq += x.pow(2).sum(0)
-        active = z > 0
+        active = z != 0  # signed codes (PCA, ICA) fire when non-zero
         self.l0.append(active.sum(-1).numpy())
         self.fired += active.sum(0)
         self.cofire += z.T @ z
+        self.coactive += active.double().T @ active.double()
         cos = self.units @ (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).T
         self.best_cos = torch.maximum(self.best_cos, cos.max(dim=1).values)
 
@@ -83,7 +85,7 @@ class CodeTally:
             "l0_histogram": np.bincount(l0, minlength=1).tolist(),
             "dead": float((self.fired == 0).double().mean()),
             "ood": float(1.0 - self.best_cos.mean()),
-            "connectivity": float(1.0 - (self.cofire > 0).sum() / k ** 2),
+            "connectivity": float(1.0 - (self.coactive > 0).sum() / k ** 2),
             "negative_interference": float(interference.norm()),
             "stable_rank": stable_rank(atoms),
             "effective_rank": effective_rank(atoms),

@@ -26,24 +26,26 @@ from archsae.fit.sae import SAESettings
 from archsae.fit.train import FitSettings, fit
 
 
-def study_variants(sae: SAESettings) -> dict[str, SAESettings]:
-    """The SAE itself and its controls, all with the same size, sparsity and centroids."""
-    topk = replace(sae, sae="topk", encoder="topk", dictionary="free", delta=0.0)
-    variants = {sae.sae: sae, "topk": replace(topk, decoder_init="random"),
-                "topk-centroid-init": replace(topk, decoder_init="centroids")}
-    if sae.dictionary == "archetypal":
-        variants[f"{sae.sae}-no-projection"] = replace(sae, project=False)
+def study_variants(saes: list[SAESettings]) -> dict[str, SAESettings]:
+    """The SAEs themselves and their controls, all with the same size, sparsity and centroids."""
+    topk = replace(saes[0], sae="topk", encoder="topk", dictionary="free", delta=0.0)
+    variants = {sae.sae: sae for sae in saes}
+    variants.setdefault("topk", replace(topk, decoder_init="random"))
+    variants["topk-centroid-init"] = replace(topk, decoder_init="centroids")
+    for sae in saes:
+        if sae.dictionary == "archetypal":
+            variants[f"{sae.sae}-no-projection"] = replace(sae, project=False)
     return variants
 
 
-def stability_study(store, out, sae: SAESettings, cfg: FitSettings, seeds: int = 4,
+def stability_study(store, out, saes: list[SAESettings], cfg: FitSettings, seeds: int = 4,
                     subsets: bool = False, progress: bool = True) -> dict:
     """Fit every variant `seeds` times (finished runs are reused) and report their stability."""
     out = Path(out)
-    report = {"store": str(store), "sae": sae.to_dict(), "fit": asdict(cfg), "seeds": seeds,
+    report = {"store": str(store), "saes": [s.to_dict() for s in saes], "fit": asdict(cfg), "seeds": seeds,
               "varies": "data subset (90% of training images)" if subsets else "seed",
               "variants": {}}
-    for name, settings in study_variants(sae).items():
+    for name, settings in study_variants(saes).items():
         runs, r2 = [], []
         for i in range(seeds):
             run_cfg = replace(cfg, subset=0.9, subset_seed=i) if subsets else replace(cfg, seed=i)
@@ -52,7 +54,7 @@ def stability_study(store, out, sae: SAESettings, cfg: FitSettings, seeds: int =
             runs.append(load(run_dir).dictionary.weight().detach())
             r2.append(evaluate_fit(run_dir, progress=False)["metrics"][cfg.tokens]["r2"])
         pairs = [stability(a, b) for a, b in itertools.combinations(runs, 2)]
-        report["variants"][name] = {
+        report["variants"][name] = {"runs": [str(out / name / f"run{i}") for i in range(seeds)],
             "mean": statistics.mean(pairs), "sd": statistics.stdev(pairs) if len(pairs) > 1 else 0.0,
             "pairs": pairs, "heldout_r2": r2}
     write_json(out / "stability.json", report)

@@ -22,20 +22,24 @@ SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 IMAGES_PER_SHARD = 64
 
 
+def load_photo(name: str) -> np.ndarray:
+    """A bundled photo as RGB uint8: a scikit-image `data` function name or a scikit-learn
+    sample image (`china.jpg`, `flower.jpg`)."""
+    if name.endswith(".jpg"):
+        from sklearn.datasets import load_sample_image
+
+        return np.asarray(load_sample_image(name))
+    import skimage.data
+
+    img = np.asarray(getattr(skimage.data, name)())
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    return img[..., :3].astype(np.uint8)
+
+
 def demo_photos() -> list[tuple[str, np.ndarray]]:
     """(name, RGB uint8 array) for every bundled photo, in a fixed order."""
-    import skimage.data
-    from sklearn.datasets import load_sample_image
-
-    photos = []
-    for name in SKIMAGE_PHOTOS:
-        img = np.asarray(getattr(skimage.data, name)())
-        if img.ndim == 2:
-            img = np.stack([img] * 3, axis=-1)
-        photos.append((name, img[..., :3].astype(np.uint8)))
-    for name in SKLEARN_PHOTOS:
-        photos.append((name.split(".")[0], np.asarray(load_sample_image(name))))
-    return photos
+    return [(name.split(".")[0], load_photo(name)) for name in SKIMAGE_PHOTOS + SKLEARN_PHOTOS]
 
 
 def demo_image(photo: np.ndarray, rng: np.random.Generator) -> Image.Image:
@@ -52,31 +56,29 @@ def demo_image(photo: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def write_demo_shards(n_images: int = 256, out: Path | None = None, seed: int = 0) -> str:
-    """Write (once) the demo set as tar shards; return their brace pattern.
+def write_shards(out: Path, n_images: int, render, prefix: str) -> str:
+    """Write (once) `n_images` images as tar shards; return their brace pattern. `render(i)`
+    gives image i as (key, PIL image, integer label).
 
     Written into a temporary folder renamed into place, so an interrupted run leaves nothing.
     """
     import webdataset as wds
 
-    out = Path(out or runs_dir() / "demo" / f"shards-{n_images}")
+    out = Path(out)
     n_shards = -(-n_images // IMAGES_PER_SHARD)
-    pattern = str(out / f"demo-{{000000..{n_shards - 1:06d}}}.tar")
+    pattern = str(out / f"{prefix}-{{000000..{n_shards - 1:06d}}}.tar")
     if out.is_dir():
         return pattern
-    photos = demo_photos()
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         for s in range(n_shards):
-            with wds.TarWriter(str(tmp / f"demo-{s:06d}.tar")) as sink:
+            with wds.TarWriter(str(tmp / f"{prefix}-{s:06d}.tar")) as sink:
                 for i in range(s * IMAGES_PER_SHARD, min((s + 1) * IMAGES_PER_SHARD, n_images)):
-                    label = i % len(photos)
-                    img = demo_image(photos[label][1], np.random.default_rng([seed, i]))
+                    key, img, label = render(i)
                     buf = io.BytesIO()
                     img.save(buf, format="JPEG", quality=90)
-                    sink.write({"__key__": f"{photos[label][0]}-{i:06d}", "jpg": buf.getvalue(),
-                                "cls": label})
+                    sink.write({"__key__": key, "jpg": buf.getvalue(), "cls": label})
         os.rename(tmp, out)
     except OSError:
         if not out.is_dir():
@@ -84,3 +86,15 @@ def write_demo_shards(n_images: int = 256, out: Path | None = None, seed: int = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return pattern
+
+
+def write_demo_shards(n_images: int = 256, out: Path | None = None, seed: int = 0) -> str:
+    """The demo set (crops and flips of the bundled photos, label = photo) as tar shards."""
+    photos = demo_photos()
+
+    def render(i):
+        label = i % len(photos)
+        img = demo_image(photos[label][1], np.random.default_rng([seed, i]))
+        return f"{photos[label][0]}-{i:06d}", img, label
+
+    return write_shards(out or runs_dir() / "demo" / f"shards-{n_images}", n_images, render, "demo")

@@ -42,17 +42,8 @@ def compute_centroids(store_path, k: int, seed: int = 0, sample: int | None = No
         raise UserError(f"K={k} centroids need at least {MIN_TOKENS_PER_CENTROID * k} tokens, the "
                         f"train split has {loader.n_tokens}: the largest sensible K is "
                         f"{largest_sensible_k(loader.n_tokens)}")
-    n = min(loader.n_tokens, sample or DEFAULT_TOKENS_PER_CENTROID * k)
-    x = np.empty((n, store.d), np.float32)
-    got = 0
-    with tqdm(total=n, unit="tok", unit_scale=True, desc="sample tokens", disable=not progress) as bar:
-        for batch in loader.batches(min(65536, n), seed=seed, drop_last=False):
-            take = min(len(batch), n - got)
-            x[got:got + take] = batch[:take].numpy()
-            got += take
-            bar.update(take)
-            if got == n:
-                break
+    x = loader.sample(sample or DEFAULT_TOKENS_PER_CENTROID * k, seed=seed, progress=progress)
+    n = len(x)
     use_gpu = (faiss.get_num_gpus() > 0 and torch.cuda.is_available()) if gpu is None else gpu
     kmeans = faiss.Kmeans(store.d, k, niter=1, seed=seed, gpu=use_gpu, verbose=False,
                           max_points_per_centroid=max(1, n // k + 1))
@@ -75,3 +66,15 @@ def compute_centroids(store_path, k: int, seed: int = 0, sample: int | None = No
 def load_points(store, name: str) -> torch.Tensor:
     points, _ = store.load_centroids(name)
     return torch.from_numpy(points)
+
+
+def faiss_kmeans(x, k: int, seed: int = 0, niter: int = 25):
+    """K-means of rows held in memory: (the trained faiss.Kmeans, each row's cluster)."""
+    import faiss
+
+    data = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    kmeans = faiss.Kmeans(data.shape[1], k, niter=niter, seed=seed, verbose=False,
+                          max_points_per_centroid=max(1, len(data) // k + 1))
+    kmeans.train(data)
+    _, labels = kmeans.index.search(data, 1)
+    return kmeans, labels[:, 0]

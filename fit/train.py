@@ -173,3 +173,21 @@ def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = F
     if resume:
         trainer.resume()
     trainer.run()
+
+
+def fit_tensor(x: torch.Tensor, sae: SAESettings, cfg: FitSettings, points: torch.Tensor | None = None,
+               progress: bool = False):
+    """Train on standardised rows held in memory (small benchmark data such as pooled vectors
+    of a few thousand images); the same step as a store fit, without checkpoints."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch = min(cfg.batch_size, len(x))
+    steps_per_epoch = len(x) // batch
+    cfg = replace(cfg, dead_tokens=min(cfg.dead_tokens, len(x)))
+    learner = TrainingStep(sae, cfg, points, steps_per_epoch * cfg.epochs, device)
+    order = torch.Generator().manual_seed(cfg.seed)
+    x = x.to(device)
+    for _ in tqdm(range(cfg.epochs), unit="epoch", desc=f"fit {sae.sae}", disable=not progress):
+        perm = torch.randperm(len(x), generator=order).to(device)
+        for b in range(steps_per_epoch):
+            learner(x[perm[b * batch:(b + 1) * batch]])
+    return learner.model.eval()

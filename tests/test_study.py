@@ -22,9 +22,11 @@ def test_subsets_are_fixed_parts_of_the_training_images(fit_store):
 
 def test_study_has_the_controls_and_reports_every_pair(fit_store, tmp_path):
     sae = sae_settings("ra", 64, 32, 4, centroids="k64-seed0-all")
-    assert set(study_variants(sae)) == {"ra", "topk", "topk-centroid-init", "ra-no-projection"}
-    assert set(study_variants(sae_settings("topk", 64, 32, 4))) == {"topk", "topk-centroid-init"}
-    report = stability_study(fit_store, tmp_path, sae, FitSettings(epochs=1, batch_size=256),
+    assert set(study_variants([sae])) == {"ra", "topk", "topk-centroid-init", "ra-no-projection"}
+    assert set(study_variants([sae_settings("topk", 64, 32, 4)])) == {"topk", "topk-centroid-init"}
+    assert set(study_variants([sae, sae_settings("a", 64, 32, 4)])) == {
+        "ra", "a", "topk", "topk-centroid-init", "ra-no-projection", "a-no-projection"}
+    report = stability_study(fit_store, tmp_path, [sae], FitSettings(epochs=1, batch_size=256),
                              seeds=3, progress=False)
     for name, r in report["variants"].items():
         assert len(r["pairs"]) == 3 and 0 < r["mean"] <= 1 + 1e-9

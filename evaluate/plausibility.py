@@ -1,0 +1,111 @@
+"""Plausibility (PAPER.md): how close the dictionary's atoms come to the directions the
+backbone's own classifier reads, mean over classes of max_j cos(v_i, D_j).
+
+The space mismatch, handled here: atoms live in the standardised token space of the store; the
+head reads pooled (averaged or CLS) tokens, sometimes through a LayerNorm. Pooling is linear, so
+a concept adds the same direction to the pooled vector as to its token. A LayerNorm with scale
+gamma centres its input and divides by a positive per-image scale, so to first order class i
+reads the raw (unstandardised) token direction r_i = centre(gamma * v_i); without a norm,
+r_i = v_i. An atom D_j (standardised) adds D_j * std to a raw token. Plausibility is therefore
+mean_i max_j cos(r_i, D_j * std), in the raw token space where the head acts. Random atoms
+(Gaussian in the standardised space) give the chance level it is printed beside. Heads with a
+hidden layer (not a linear read-out) are refused.
+"""
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from archsae.cache import is_store, open_store
+from archsae.errors import UserError
+from archsae.evaluate.stability import unit_atoms
+from archsae.extract.presets import build_backbone
+from archsae.extract.run import extract
+from archsae.fit import load
+from archsae.fit.sae import sae_settings
+from archsae.fit.step import FitSettings
+from archsae.fit.train import ensure_centroids, fit
+
+
+def head_rows(model: torch.nn.Module) -> tuple[torch.Tensor, str]:
+    """(class directions r (c, d) in the raw space of the head's input tokens, what was done)."""
+    head = model.get_classifier()
+    if not isinstance(head, torch.nn.Linear) or head.out_features == 0:
+        raise UserError(f"{type(model).__name__} has no linear classifier head: plausibility needs "
+                        "a backbone with one (vit, convnext, resnet50 presets)")
+    inner = getattr(model, "head", None)
+    if isinstance(getattr(inner, "pre_logits", None), torch.nn.Linear) or \
+            isinstance(getattr(getattr(inner, "pre_logits", None), "fc", None), torch.nn.Linear):
+        raise UserError("the classifier head has a hidden layer: its classes are not linear "
+                        "directions of the tokens, so plausibility is not defined for it")
+    rows = head.weight.detach().double()
+    for norm in (getattr(model, "fc_norm", None), getattr(inner, "norm", None)):
+        if isinstance(norm, torch.nn.LayerNorm):  # timm's LayerNorm2d is a subclass
+            if norm.weight is not None:
+                rows = rows * norm.weight.detach().double()
+            return rows - rows.mean(-1, keepdim=True), "LayerNorm before the head: centre(gamma * v)"
+    return rows, "linear head on pooled tokens: v"
+
+
+def plausibility(rows: torch.Tensor, atoms: torch.Tensor, std: torch.Tensor) -> float:
+    """mean over classes of the best cosine between a class direction and a raw-space atom."""
+    raw = atoms.detach().double() * std.double()
+    return float((unit_atoms(rows) @ unit_atoms(raw).T).max(dim=1).values.mean())
+
+
+def random_plausibility(rows: torch.Tensor, k: int, std: torch.Tensor, seed: int = 0) -> float:
+    g = torch.Generator().manual_seed(seed)
+    return plausibility(rows, torch.randn(k, len(std), generator=g, dtype=torch.float64), std)
+
+
+def run_plausibility(model: str, weights: str, out, store=None, sizes=(512, 2048),
+                     deltas=(0.0, 1.0), epochs: int = 10, n_centroids: int | None = None,
+                     device: str | None = None, progress: bool = True) -> dict:
+    """Fit TopK and archetypal SAEs (one per delta) at each size on the store (extracted from
+    the demo data when not given), and score their atoms against the head."""
+    out = Path(out)
+    store = Path(store) if store else out / "store"
+    if not is_store(store):
+        extract(model, "demo", store, weights=weights, device=device, progress=progress)
+    opened = open_store(store)
+    if opened.attrs.get("model") != model:
+        raise UserError(f"{store} was made by {opened.attrs.get('model')!r}, not {model!r}: "
+                        "pass its store or leave --store out")
+    backbone = build_backbone(model, weights)
+    if backbone.weights != opened.attrs["weights"]:
+        raise UserError(f"{store} holds activations of weights {opened.attrs['weights']}, the head "
+                        f"is from {backbone.weights}: pass the same --weights")
+    rows, mapping = head_rows(backbone.model)
+    if rows.shape[1] != opened.d:
+        raise UserError(f"the head reads {rows.shape[1]} features, the store's tokens have "
+                        f"{opened.d}: use the last layer (no --layer)")
+    _, _, std = opened.feature_stats("all")
+    std = torch.from_numpy(std)
+    cfg = FitSettings(epochs=epochs, device=device)
+    probe = sae_settings("ra", opened.d, max(sizes), decoder_init="centroids")
+    ensure_centroids(store, probe, cfg, n_centroids, progress)
+    report = {"model": model, "weights": opened.attrs["weights"], "store": str(store),
+              "head": mapping, "classes": int(rows.shape[0]), "rows": []}
+    variants = [("topk", None)] + [("ra" if delta > 0 else "a", delta) for delta in deltas]
+    for size, (sae, delta) in itertools.product(sizes, variants):
+        settings = sae_settings(sae, opened.d, size, delta=delta, centroids=probe.centroids)
+        run = out / (f"{sae}-k{size}" + ("" if delta is None else f"-delta{delta:g}"))
+        fit(store, run, settings, cfg, resume=True, progress=progress)
+        atoms = load(run).dictionary.weight()
+        report["rows"].append({"sae": sae, "concepts": size, "delta": delta, "fit": str(run),
+                               "plausibility": plausibility(rows, atoms, std)})
+    for size in sizes:
+        report["rows"].append({"sae": "random atoms", "concepts": size, "delta": None, "fit": None,
+                               "plausibility": random_plausibility(rows, size, std)})
+    return report
+
+
+def format_plausibility(report: dict) -> str:
+    lines = [f"plausibility ({report['model']}, {report['weights']}, {report['classes']} classes; "
+             f"head: {report['head']}):",
+             f"  {'dictionary':14s} {'concepts':>8s} {'delta':>6s} {'plausibility':>12s}"]
+    for r in report["rows"]:
+        delta = "" if r["delta"] is None else f"{r['delta']:g}"
+        lines.append(f"  {r['sae']:14s} {r['concepts']:8d} {delta:>6s} {r['plausibility']:12.4f}")
+    return "\n".join(lines)
