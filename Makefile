@@ -14,7 +14,12 @@ RUNS   ?= runs
 DATASET := $(if $(filter demo,$(DATA)),demo,$(basename $(notdir $(firstword $(subst {, ,$(DATA))))))
 STORE  ?= $(RUNS)/$(DATASET)/$(MODEL)
 
-.PHONY: venv demo extract info centroids fit stability test bench clean
+REPORT ?= report
+DEMO   := $(RUNS)/demo
+# the demo's dictionaries: small enough for 2 CPU cores in minutes
+DEMO_FIT := --concepts 256 --top-k 16 --n-centroids 512 --epochs 5
+
+.PHONY: venv browser-deps demo extract info centroids fit evaluate stability baselines identifiability plausibility report browse test bench clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -23,9 +28,21 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-## demo: extract the bundled demo photos with a ViT-B/16 (pretrained if cached, else random); prints the store's summary
+## demo: the whole pipeline on the bundled photos (ViT-B/16, pretrained if cached, else random): extract, SAEs with
+## their controls over seeds and data subsets, baselines, both benchmarks, the concept browser of RA-SAE
+## ($(DEMO)/browser/index.html) and the report linking to it ($(REPORT)/index.md)
 demo: venv
-	$(BIN)/archsae extract --model vit --data demo --weights auto --out $(RUNS)/demo/vit
+	$(BIN)/archsae extract --model vit --data demo --weights auto --out $(DEMO)/vit
+	$(BIN)/archsae stability-study $(DEMO)/vit --sae ra,a --seeds 3 --out $(DEMO)/study-seeds $(DEMO_FIT)
+	$(BIN)/archsae stability-study $(DEMO)/vit --sae ra,a --seeds 2 --subsets --out $(DEMO)/study-subsets $(DEMO_FIT)
+	$(BIN)/archsae baselines $(DEMO)/vit --concepts 256 --sample 4096 --json $(DEMO)/baselines.json
+	$(BIN)/archsae bench identifiability --model vit --weights auto --collages 200 --out $(DEMO)/identifiability
+	$(BIN)/archsae bench plausibility --model vit --weights auto --store $(DEMO)/vit --sizes 64,256 --deltas 0,1 \
+		--epochs 5 --n-centroids 512 --out $(DEMO)/plausibility
+	$(BIN)/archsae browse $(DEMO)/study-seeds/ra/run0 --against $(DEMO)/study-seeds/ra/run1 --out $(DEMO)/browser
+	$(BIN)/archsae report --out $(REPORT) --study $(DEMO)/study-seeds --study $(DEMO)/study-subsets \
+		--baselines $(DEMO)/baselines.json --identifiability $(DEMO)/identifiability/identifiability.json \
+		--plausibility $(DEMO)/plausibility/plausibility.json --browser $(DEMO)/browser
 
 ## extract: MODEL=dinov2|siglip|vit|convnext|resnet50|timm:<name> DATA=demo|folder|shards WEIGHTS=pretrained|random|auto|file
 extract: venv
@@ -42,11 +59,42 @@ centroids: venv
 fit: venv
 	$(BIN)/archsae fit $(STORE) --sae $(SAE) --seed $(SEED) --out $(FIT) $(if $(K),--n-centroids $(K)) $(FIT_ARGS)
 
+## evaluate: every metric of FIT on its held-out split (FIT=path of a fit directory)
+evaluate: venv
+	$(BIN)/archsae evaluate $(FIT) --json $(FIT)/evaluation.json
+
 ## stability: SEEDS runs of SAE and of its controls (TopK random init, TopK at centroids, no projection); SUBSETS=1 varies the data instead
 stability: venv
 	$(BIN)/archsae stability-study $(STORE) --sae $(SAE) --seeds $(SEEDS) --out $(RUNS)/stability/$(DATASET)-$(MODEL)-$(SAE)$(if $(SUBSETS),-subsets) $(if $(SUBSETS),--subsets) $(FIT_ARGS)
 
-test: venv
+## baselines: PCA, ICA, sparse PCA, K-means, Semi-NMF, Convex-NMF on the store, K atoms (default 5 x d, at most d for linear ones)
+baselines: venv
+	$(BIN)/archsae baselines $(STORE) --concepts $(or $(K),3840) --json $(RUNS)/baselines/$(DATASET)-$(MODEL).json
+
+## identifiability / plausibility: the paper's two benchmarks for MODEL with WEIGHTS
+identifiability: venv
+	$(BIN)/archsae bench identifiability --model $(MODEL) --weights $(WEIGHTS) --out $(RUNS)/identifiability/$(MODEL)
+
+plausibility: venv
+	$(BIN)/archsae bench plausibility --model $(MODEL) --weights $(WEIGHTS) $(if $(wildcard $(STORE)/zarr.json),--store $(STORE)) --out $(RUNS)/plausibility/$(MODEL)
+
+## browse: a static site of FIT's concepts (open $(FIT)-browser/index.html from disk)
+browse: venv
+	$(BIN)/archsae browse $(FIT) --out $(FIT)-browser
+
+## report: gather what exists for MODEL/DATA into $(REPORT)
+report: venv
+	$(BIN)/archsae report --out $(REPORT) $(foreach s,$(wildcard $(RUNS)/stability/$(DATASET)-$(MODEL)-*),--study $(s)) \
+		$(if $(wildcard $(RUNS)/baselines/$(DATASET)-$(MODEL).json),--baselines $(RUNS)/baselines/$(DATASET)-$(MODEL).json) \
+		$(if $(wildcard $(RUNS)/identifiability/$(MODEL)/identifiability.json),--identifiability $(RUNS)/identifiability/$(MODEL)/identifiability.json) \
+		$(if $(wildcard $(RUNS)/plausibility/$(MODEL)/plausibility.json),--plausibility $(RUNS)/plausibility/$(MODEL)/plausibility.json)
+
+# the browser test drives Debian's headless Chromium
+browser-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+test: venv browser-deps
 	$(BIN)/python -m pytest
 
 REFERENCE := .bench/reference
@@ -64,4 +112,4 @@ bench: venv $(REFERENCE)/.installed
 	$(BIN)/python -m benchmarks.demo_fit
 
 clean:
-	rm -rf $(VENV) $(RUNS) .bench
+	rm -rf $(VENV) $(RUNS) .bench $(REPORT)

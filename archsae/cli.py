@@ -220,7 +220,7 @@ def stability_(fitdirs):
     import itertools
     import statistics
 
-    from archsae.evaluate.stability import match_atoms
+    from archsae.evaluate.stability import match_atoms, max_cosine
     from archsae.fit import load
 
     if len(fitdirs) < 2:
@@ -232,7 +232,7 @@ def stability_(fitdirs):
         _, cos, method = match_atoms(small, large)
         scores.append(float(abs(cos).mean()))
         methods.add(method)
-        click.echo(f"{a} ~ {b}: {scores[-1]:.4f}")
+        click.echo(f"{a} ~ {b}: {scores[-1]:.4f} (max cosine {max_cosine(small, large):.4f})")
     sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
     click.echo(f"stability {statistics.mean(scores):.4f} +- {sd:.4f} over {len(scores)} pairs; "
                f"matching: {', '.join(sorted(methods))}")
@@ -354,3 +354,39 @@ def identifiability_(model, weights, collages, objects, out, epochs, batch_size,
                                  batch_size=batch_size, device=device)
     click.echo(format_identifiability(report))
     _write_report(Path(out) / "identifiability.json", report)
+
+
+@main.command("report")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder (index.md, report.json, PNGs).")
+@click.option("--study", "studies", multiple=True, type=click.Path(exists=True), help="A stability-study folder (repeatable).")
+@click.option("--baselines", type=click.Path(exists=True, dir_okay=False), help="baselines.json from `archsae baselines --json`.")
+@click.option("--identifiability", type=click.Path(exists=True, dir_okay=False), help="identifiability.json.")
+@click.option("--plausibility", type=click.Path(exists=True, dir_okay=False), help="plausibility.json.")
+@click.option("--browser", type=click.Path(exists=True, file_okay=False), help="The concept browser's folder, linked from the report.")
+def report_(out, studies, baselines, identifiability, plausibility, browser):
+    """Gather the evaluate stage's results into one report: markdown, PNG plots, JSON."""
+    from archsae.evaluate.report import build_report
+
+    if not (studies or baselines or identifiability or plausibility):
+        raise click.UsageError("give at least one of --study, --baselines, --identifiability, --plausibility")
+    build_report(out, studies=studies, baselines=baselines, identifiability=identifiability,
+                 plausibility=plausibility, browser=browser)
+    click.echo(f"wrote {Path(out) / 'index.md'} and {Path(out) / 'report.json'}")
+
+
+@main.command("browse")
+@click.argument("fitdir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Site folder (open OUT/index.html).")
+@click.option("--top", type=int, default=16, show_default=True, help="Images per concept.")
+@click.option("--against", type=click.Path(exists=True, file_okay=False), help="Another fit (e.g. another seed): each concept's match score.")
+@click.option("--data", help="Where the store's images are now, if they moved since extraction.")
+@click.option("--split", type=click.Choice(["all", "heldout", "train"]), default="all", show_default=True)
+def browse_(fitdir, out, top, against, data, split):
+    """A static site of the concepts: top images with heatmaps, image pages, sortable index."""
+    from archsae.evaluate.browser import build_site
+
+    if top < 1:
+        raise click.UsageError("--top must be at least 1")
+    s = build_site(fitdir, out, top, against, data, split)
+    click.echo(f"wrote {Path(out) / 'index.html'}: {s['live']} live and {s['dead']} dead concepts, "
+               f"{s['images']} images, {s['bytes'] / 1e6:.1f} MB")

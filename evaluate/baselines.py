@@ -8,12 +8,17 @@ evaluate stage's `CodeTally` streams the held-out split through it exactly as th
 Linear methods give at most d atoms (their number of components is capped at d).
 """
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from archsae.cache import TokenStore, open_store
+from archsae.evaluate.run import evaluate_model
+from archsae.evaluate.stability import compare_runs
 from archsae.fit.centroids import faiss_kmeans
 
 BASELINES = ("pca", "ica", "sparse_pca", "kmeans", "semi_nmf", "convex_nmf")
@@ -133,34 +138,28 @@ def evaluate_baselines(store, concepts: int, names=BASELINES, seeds: int = 2, sa
                        tokens: str = "all", heldout: float = 0.1, progress: bool = True) -> dict:
     """Fit each baseline `seeds` times on a sample of training tokens (the sample drawn anew for
     each seed); held-out metrics of the first, stability (signed Hungarian) across all pairs."""
-    import itertools
-    import statistics
-    import time
-
-    from archsae.cache import TokenStore, open_store
-    from archsae.evaluate.run import evaluate_model
-    from archsae.evaluate.stability import stability
-
     opened = open_store(store)
     loader = TokenStore(opened, tokens=tokens, split="train", heldout_fraction=heldout)
     mean, std = loader.mean, loader.std
     results = {}
+    bar = tqdm(total=len(names) * seeds, unit="fit", desc="fit baselines", disable=not progress)
     for name in names:
         n = min(sample, CONVEX_NMF_POINTS) if name == "convex_nmf" else sample
         fitted, seconds = [], []
         for seed in range(seeds):
+            bar.set_postfix(method=name, seed=seed, tokens=n)
             x = torch.from_numpy(loader.sample(n, seed=1000 + seed))
             t = time.perf_counter()
             fitted.append(fit_baseline(name, x, concepts, seed))
             seconds.append(time.perf_counter() - t)
+            bar.update(1)
         first = fitted[0]
         metrics = evaluate_model(opened, first, first.atoms.float(), mean, std, tokens, heldout,
                                  progress=progress, name=name)
-        pairs = [stability(a.atoms, b.atoms) for a, b in itertools.combinations(fitted, 2)]
         results[name] = {
             "concepts": int(first.atoms.shape[0]), "sample": n, "fit_seconds": seconds,
             "metrics": metrics,
-            "stability": {"mean": statistics.mean(pairs) if pairs else None,
-                          "sd": statistics.stdev(pairs) if len(pairs) > 1 else 0.0, "pairs": pairs}}
+            "stability": compare_runs([f.atoms for f in fitted])}
+    bar.close()
     return {"store": str(store), "tokens": tokens, "heldout": heldout, "seeds": seeds,
             "baselines": results}

@@ -13,12 +13,12 @@ The paper's optimistic variant (best code and threshold picked on the test half)
 beside it. Always answering "absent" scores 1 - 4/N: the chance level.
 """
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from archsae.cache import open_store
 from archsae.errors import UserError
@@ -141,9 +141,6 @@ def method_codes(method: str, train: torch.Tensor, test: torch.Tensor, k: int, s
             encode = model.encode
         return encode(train).numpy(), encode(test).numpy()
     n_points = min(512, len(train) // 4)
-    if n_points < k:
-        raise UserError(f"{len(train)} training collages are too few for {k} archetypes: raise "
-                        "--collages")
     sae = sae_settings(method, train.shape[1], k, min(PER_COLLAGE, k), n_centroids=n_points)
     points = None
     if sae.needs_centroids:
@@ -165,6 +162,11 @@ def run_identifiability(model: str, weights: str, out, n_collages: int = 4000, o
     out = Path(out)
     sets = ({Path(objects_dir).name: folder_objects(objects_dir)} if objects_dir else
             {name: bundled_objects(name) for name in OBJECT_SETS})
+    archetypal = [m for m in methods if m in ("a", "ra")]
+    for name, objects in sets.items():  # archetype points: 4 train collages per centroid
+        if archetypal and (n_collages // 2) // 4 < len(objects):
+            raise UserError(f"--collages {n_collages} is too few for {len(objects)} archetypes "
+                            f"({name}): use at least {8 * len(objects)}")
     report = {"model": model, "collages_per_set": n_collages, "split": "half train, half test",
               "per_collage": PER_COLLAGE, "sets": {}}
     for name, objects in sets.items():
@@ -179,7 +181,7 @@ def run_identifiability(model: str, weights: str, out, n_collages: int = 4000, o
         train, test = (pooled[:half] - mean) / std, (pooled[half:] - mean) / std
         k = len(objects)
         scores = {}
-        for method in methods:
+        for method in tqdm(methods, unit="method", desc=f"dictionaries ({name})", disable=not progress):
             z_train, z_test = method_codes(method, train, test, k, seed, epochs)
             scores[method] = identifiability_scores(z_train, present[:half], z_test, present[half:])
         report["weights"] = store.attrs["weights"]

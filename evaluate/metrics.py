@@ -32,11 +32,6 @@ def coherence(d: torch.Tensor) -> float:
     return float(g.max())
 
 
-def max_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max_ij cos(A_i, B_j) between two dictionaries."""
-    return float((unit_atoms(a) @ unit_atoms(b).T).max())
-
-
 class CodeTally:
     """Streaming statistics of one model on one split: R^2 (per-feature mean), L0, firing,
     co-firing, and each atom's best cosine to a real activation (for the OOD score)."""
@@ -84,6 +79,7 @@ class CodeTally:
             "l0": float(l0.mean()),
             "l0_histogram": np.bincount(l0, minlength=1).tolist(),
             "dead": float((self.fired == 0).double().mean()),
+            "firing_frequency": (self.fired.double() / max(self.n, 1)).tolist(),
             "ood": float(1.0 - self.best_cos.mean()),
             "connectivity": float(1.0 - (self.coactive > 0).sum() / k ** 2),
             "negative_interference": float(interference.norm()),

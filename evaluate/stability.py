@@ -8,6 +8,9 @@ matching restricted to each atom's `candidates` nearest atoms (faiss search, bot
 lower bound on the optimum, which `match_atoms` says it is.
 """
 
+import itertools
+import statistics
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -72,3 +75,18 @@ def stability(a: torch.Tensor, b: torch.Tensor, exact_limit: int = EXACT_LIMIT) 
         a, b = b, a
     _, cos, _ = match_atoms(a, b, exact_limit)
     return float(np.abs(cos).mean())
+
+
+def max_cosine(a: torch.Tensor, b: torch.Tensor, block: int = 4096) -> float:
+    """max_ij cos(A_i, B_j) between two dictionaries (in blocks of rows)."""
+    ua, ub = unit_atoms(a), unit_atoms(b)
+    return max(float((ua[s:s + block] @ ub.T).max()) for s in range(0, len(ua), block))
+
+
+def compare_runs(dictionaries: list[torch.Tensor]) -> dict:
+    """Stability of every pair of runs (mean, sd, each pair) and their mean max cosine."""
+    pairs = list(itertools.combinations(dictionaries, 2))
+    scores = [stability(a, b) for a, b in pairs]
+    return {"mean": statistics.mean(scores) if scores else None,
+            "sd": statistics.stdev(scores) if len(scores) > 1 else None, "pairs": scores,
+            "max_cosine": statistics.mean(max_cosine(a, b) for a, b in pairs) if pairs else None}

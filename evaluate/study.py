@@ -12,14 +12,12 @@ variant's held-out R^2 is reported beside it: a stable dictionary that reconstru
 not a win.
 """
 
-import itertools
-import json
 import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from archsae.evaluate.run import evaluate_fit
-from archsae.evaluate.stability import stability
+from archsae.evaluate.stability import compare_runs
 from archsae.fit import load
 from archsae.fit.checkpoint import write_json
 from archsae.fit.sae import SAESettings
@@ -32,9 +30,10 @@ def study_variants(saes: list[SAESettings]) -> dict[str, SAESettings]:
     variants = {sae.sae: sae for sae in saes}
     variants.setdefault("topk", replace(topk, decoder_init="random"))
     variants["topk-centroid-init"] = replace(topk, decoder_init="centroids")
-    for sae in saes:
-        if sae.dictionary == "archetypal":
-            variants[f"{sae.sae}-no-projection"] = replace(sae, project=False)
+    # without the projection W and Lambda are free: A-SAE and RA-SAE are the same control
+    archetypal = [sae for sae in saes if sae.dictionary == "archetypal"]
+    if archetypal:
+        variants[f"{archetypal[0].sae}-no-projection"] = replace(archetypal[0], project=False)
     return variants
 
 
@@ -53,10 +52,7 @@ def stability_study(store, out, saes: list[SAESettings], cfg: FitSettings, seeds
             fit(store, run_dir, replace(settings), run_cfg, resume=True, progress=progress)
             runs.append(load(run_dir).dictionary.weight().detach())
             r2.append(evaluate_fit(run_dir, progress=False)["metrics"][cfg.tokens]["r2"])
-        pairs = [stability(a, b) for a, b in itertools.combinations(runs, 2)]
-        report["variants"][name] = {"runs": [str(out / name / f"run{i}") for i in range(seeds)],
-            "mean": statistics.mean(pairs), "sd": statistics.stdev(pairs) if len(pairs) > 1 else 0.0,
-            "pairs": pairs, "heldout_r2": r2}
+        report["variants"][name] = {**compare_runs(runs), "heldout_r2": r2}
     write_json(out / "stability.json", report)
     return report
 
@@ -65,6 +61,7 @@ def format_study(report: dict) -> str:
     lines = [f"stability across {report['seeds']} runs varying the {report['varies']}, "
              "and held-out R^2:"]
     for name, r in report["variants"].items():
-        lines.append(f"  {name:28s} {r['mean']:.4f} +- {r['sd']:.4f}   R^2 "
+        sd = "" if r["sd"] is None else f" +- {r['sd']:.4f}"
+        lines.append(f"  {name:28s} {r['mean']:.4f}{sd:10s}   R^2 "
                      f"{statistics.mean(r['heldout_r2']):.4f}")
     return "\n".join(lines)

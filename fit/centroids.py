@@ -46,7 +46,8 @@ def compute_centroids(store_path, k: int, seed: int = 0, sample: int | None = No
     n = len(x)
     use_gpu = (faiss.get_num_gpus() > 0 and torch.cuda.is_available()) if gpu is None else gpu
     kmeans = faiss.Kmeans(store.d, k, niter=1, seed=seed, gpu=use_gpu, verbose=False,
-                          max_points_per_centroid=max(1, n // k + 1))
+                          max_points_per_centroid=max(1, n // k + 1),
+                          min_points_per_centroid=MIN_TOKENS_PER_CENTROID)
     centroids, inertia = None, float("nan")
     t = time.perf_counter()
     with tqdm(total=niter, unit="iter", desc=f"k-means K={k}", disable=not progress) as bar:
@@ -74,7 +75,8 @@ def faiss_kmeans(x, k: int, seed: int = 0, niter: int = 25):
 
     data = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     kmeans = faiss.Kmeans(data.shape[1], k, niter=niter, seed=seed, verbose=False,
-                          max_points_per_centroid=max(1, len(data) // k + 1))
+                          max_points_per_centroid=max(1, len(data) // k + 1),
+                          min_points_per_centroid=1)
     kmeans.train(data)
     _, labels = kmeans.index.search(data, 1)
     return kmeans, labels[:, 0]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from archsae.evaluate.metrics import CodeTally, coherence, effective_rank, max_cosine, stable_rank
+from archsae.evaluate.metrics import CodeTally, coherence, effective_rank, stable_rank
+from archsae.evaluate.stability import max_cosine
 from conftest import cli
 
 

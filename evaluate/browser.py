@@ -1,0 +1,280 @@
+"""`archsae browse`: a static site to look at what each concept means; open index.html from
+disk, no server, no CDN.
+
+- index.html: every concept with its firing frequency, mean activation, stability match score
+  against another fit (`--against`), its nearest archetype centroids (A-/RA-SAE); sortable and
+  filterable; dead concepts listed apart.
+- concepts/cNNNNN.html: the top-N images, the concept's activation over the patch grid drawn as
+  a heatmap on each, activation values, links to the most similar atoms.
+- images/iNNNNNN.html: one image with its strongest concepts and their heatmaps.
+Images are shown as the backbone saw them (its resize and centre crop), so the patch grid lies
+on them exactly. Heatmaps are CSS grids: no image files beyond one thumbnail per image.
+"""
+
+import html
+import io
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from archsae.cache import TOKEN_KINDS
+from archsae.errors import UserError
+from archsae.evaluate.run import fit_store
+from archsae.evaluate.stability import match_atoms, unit_atoms
+from archsae.evaluate.top_activations import top_activations
+from archsae.extract.sources import open_source
+from archsae.fit import load
+
+NEIGHBOURS = 5
+CENTROIDS_SHOWN = 3
+
+CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+a { color: #0b5cad; text-decoration: none; } a:hover { text-decoration: underline; }
+table { border-collapse: collapse; } td, th { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; }
+th { cursor: pointer; background: #f3f3f3; user-select: none; } th[data-dir=asc]::after { content: " ▲"; } th[data-dir=desc]::after { content: " ▼"; }
+td.l, th.l { text-align: left; }
+.grid { display: flex; flex-wrap: wrap; gap: 12px; }
+figure { margin: 0; width: 224px; } figcaption { font-size: 12px; }
+.frame { position: relative; width: 224px; height: 224px; }
+.frame img { width: 224px; height: 224px; display: block; }
+.heat { position: absolute; inset: 0; display: grid; }
+.heat i { background: rgb(255, 40, 0); opacity: 0; }
+.thumb { width: 48px; height: 48px; vertical-align: middle; }
+"""
+
+JS = """
+function sortTable(th) {
+  const table = th.closest('table'), body = table.tBodies[0];
+  const col = [...th.parentNode.children].indexOf(th);
+  const dir = th.dataset.dir === 'desc' ? 'asc' : 'desc';
+  table.querySelectorAll('th').forEach(h => delete h.dataset.dir);
+  th.dataset.dir = dir;
+  const rows = [...body.rows];
+  rows.sort((a, b) => {
+    const x = parseFloat(a.cells[col].dataset.v), y = parseFloat(b.cells[col].dataset.v);
+    return dir === 'asc' ? x - y : y - x;
+  });
+  rows.forEach(r => body.appendChild(r));
+}
+function filterTable() {
+  const text = document.getElementById('filter').value.trim().toLowerCase();
+  const minFreq = parseFloat(document.getElementById('minfreq').value || '0');
+  for (const row of document.querySelectorAll('#concepts tbody tr')) {
+    const okText = !text || row.textContent.toLowerCase().includes(text);
+    const okFreq = parseFloat(row.cells[1].dataset.v) >= minFreq;
+    row.style.display = okText && okFreq ? '' : 'none';
+  }
+}
+document.querySelectorAll('th[data-sortable]').forEach(th => th.addEventListener('click', () => sortTable(th)));
+const f = document.getElementById('filter'); if (f) f.addEventListener('input', filterTable);
+const m = document.getElementById('minfreq'); if (m) m.addEventListener('input', filterTable);
+"""
+
+
+def _page(title: str, body: str, depth: int = 0) -> str:
+    up = "../" * depth
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<link rel='stylesheet' href='{up}site.css'></head><body>{body}"
+            f"<script src='{up}site.js'></script></body></html>")
+
+
+def concept_name(c: int) -> str:
+    return f"c{c:05d}"
+
+
+def image_name(i: int) -> str:
+    return f"i{i:06d}"
+
+
+class DisplayImages:
+    """The store's images as the backbone saw them (timm's eval resize + centre crop)."""
+
+    def __init__(self, store, data: str | None):
+        import timm.data
+
+        source_info = store.attrs.get("source") or {}
+        location = data or source_info.get("location")
+        if source_info.get("kind") == "import" or not location:
+            raise UserError(f"{store.path} has no images (imported activations): the browser "
+                            "needs a store made by `archsae extract`")
+        try:
+            self.source = open_source(location)
+        except UserError as exc:
+            raise UserError(f"the images of {store.path} are not at {location} ({exc.format_message()}): "
+                            "pass --data with where they are now") from None
+        if self.source.manifest_hash() != store.attrs.get("source_hash"):
+            raise UserError(f"the images at {location} are not the ones {store.path} was extracted "
+                            "from: pass --data with the original images")
+        cfg = store.attrs["preprocessing"]
+        transform = timm.data.create_transform(
+            input_size=tuple(cfg["input_size"]), interpolation=cfg.get("interpolation", "bicubic"),
+            crop_pct=cfg.get("crop_pct", 0.875), crop_mode=cfg.get("crop_mode", "center"))
+        self.steps = [t for t in transform.transforms
+                      if "Tensor" not in type(t).__name__ and "Normalize" not in type(t).__name__]
+
+    def thumbnail(self, i: int) -> bytes:
+        with Image.open(io.BytesIO(self.source.read(i))) as img:
+            img = img.convert("RGB")
+            for step in self.steps:
+                img = step(img)
+        buf = io.BytesIO()
+        img.resize((224, 224), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
+
+
+def nearest_atoms(atoms: torch.Tensor, n: int = NEIGHBOURS, block: int = 1024):
+    """(k, n) indices and cosines of each atom's most similar other atoms, in blocks of rows."""
+    u = unit_atoms(atoms).float()
+    idx, cos = [], []
+    for s in range(0, len(u), block):
+        sims = u[s:s + block] @ u.T
+        sims[torch.arange(len(sims)), torch.arange(s, s + len(sims))] = -2.0
+        v, i = sims.topk(min(n, len(u) - 1), dim=1)
+        idx.append(i)
+        cos.append(v)
+    return torch.cat(idx).numpy(), torch.cat(cos).numpy()
+
+
+def _heat(values: np.ndarray, kinds: np.ndarray, grid, scale: float) -> str:
+    """A CSS grid over the patch tokens; opacity = activation / scale."""
+    patch = values[kinds == TOKEN_KINDS.index("patch")]
+    if grid is None or len(patch) != grid[0] * grid[1] or scale <= 0:
+        return ""
+    opacity = np.clip(patch / scale, 0.0, 1.0) * 0.75
+    cells = "".join(f"<i style=opacity:{o:.2f}></i>" if o >= 0.005 else "<i></i>" for o in opacity)
+    return (f"<div class='heat' style='grid-template-columns:repeat({grid[1]},1fr);"
+            f"grid-template-rows:repeat({grid[0]},1fr)'>{cells}</div>")
+
+
+def _prefix_values(values: np.ndarray, kinds: np.ndarray) -> str:
+    parts = [f"{TOKEN_KINDS[k]} {v:.3f}" for v, k in zip(values, kinds) if TOKEN_KINDS[k] != "patch"]
+    return (" · " + ", ".join(parts)) if parts else ""
+
+
+def build_site(fitdir, out, top: int = 16, against=None, data: str | None = None,
+               split: str = "all", progress: bool = True) -> dict:
+    """Write the site into `out` (whole or not at all); returns a summary."""
+    out = Path(out)
+    store, config = fit_store(fitdir)
+    images = DisplayImages(store, data)
+    model = load(fitdir)
+    atoms = model.dictionary.weight().detach()
+    k = len(atoms)
+    tops = top_activations(fitdir, top=top, split=split, progress=progress)
+    match = None
+    if against is not None:
+        other = load(against).dictionary.weight().detach()
+        if len(other) < k:
+            raise UserError(f"--against {against} has {len(other)} atoms, fewer than this fit's {k}: "
+                            "compare against a fit at least as large")
+        cols, cos, _ = match_atoms(atoms, other)
+        match = np.abs(cos)
+    neighbours, neighbour_cos = nearest_atoms(atoms)
+    centroids = None
+    if config["sae"]["dictionary"] == "archetypal":
+        w = model.dictionary.W.detach()
+        cw, ci = w.topk(min(CENTROIDS_SHOWN, w.shape[1]), dim=1)
+        centroids = (ci.numpy(), cw.numpy())
+    kinds = store.token_kind
+    grid = store.attrs.get("patch_grid")
+    keys = np.asarray(store.group["keys"][:])
+
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    (tmp / "concepts").mkdir(parents=True)
+    (tmp / "images").mkdir()
+    (tmp / "img").mkdir()
+    try:
+        (tmp / "site.css").write_text(CSS)
+        (tmp / "site.js").write_text(JS)
+        shown = tops.site_images()
+        for i in tqdm(shown, unit="img", desc="thumbnails", disable=not progress):
+            (tmp / "img" / f"{image_name(i)}.jpg").write_bytes(images.thumbnail(i))
+        live = [c for c in range(k) if tops.frequency[c] > 0]
+        dead = [c for c in range(k) if tops.frequency[c] == 0]
+
+        def figure(i, c, depth, link_to):
+            v = tops.heatmaps[(i, c)]
+            scale = float(tops.values[c, 0]) if tops.values[c, 0] > 0 else float(v.max())
+            target = (f"../images/{image_name(i)}.html" if link_to == "image"
+                      else f"../concepts/{concept_name(c)}.html")
+            label = (f"image {html.escape(str(keys[i]))}" if link_to == "image" else f"concept {c}")
+            return (f"<figure><a href='{target}'><div class='frame'><img src='{'../' * depth}img/"
+                    f"{image_name(i)}.jpg' alt='{html.escape(str(keys[i]))}'>"
+                    f"{_heat(v, kinds, grid, scale)}</div></a>"
+                    f"<figcaption>{label}: max {v.max():.3f}{_prefix_values(v, kinds)}</figcaption></figure>")
+
+        for c in tqdm(live, unit="concept", desc="concept pages", disable=not progress):
+            imgs = [int(i) for i in tops.images[c] if i >= 0]
+            near = " ".join(f"<a href='{concept_name(int(n))}.html'>{int(n)}</a> ({s:.2f})"
+                            for n, s in zip(neighbours[c], neighbour_cos[c]))
+            facts = [f"firing frequency {tops.frequency[c]:.5f}", f"mean activation {tops.mean_activation[c]:.4f}"]
+            if match is not None:
+                facts.append(f"match against {html.escape(str(against))}: {match[c]:.3f}")
+            if centroids is not None:
+                facts.append("nearest centroids " + ", ".join(
+                    f"{int(p)} ({wt:.2f})" for p, wt in zip(*[a[c] for a in centroids]) if wt >= 0.005))
+            body = (f"<p><a href='../index.html'>all concepts</a></p><h1>Concept {c}</h1>"
+                    f"<p>{' · '.join(facts)}</p><p>most similar atoms (cosine): {near}</p>"
+                    f"<h2>Top {len(imgs)} images</h2><div class='grid'>"
+                    + "".join(figure(i, c, 1, "image") for i in imgs) + "</div>")
+            (tmp / "concepts" / f"{concept_name(c)}.html").write_text(_page(f"concept {c}", body, 1))
+
+        for i in tqdm(shown, unit="img", desc="image pages", disable=not progress):
+            strongest = [(c, v) for c, v in tops.image_concepts.get(i, []) if (i, c) in tops.heatmaps]
+            body = (f"<p><a href='../index.html'>all concepts</a></p><h1>Image {html.escape(str(keys[i]))}</h1>"
+                    f"<p><img src='../img/{image_name(i)}.jpg' width='224' height='224'></p>"
+                    f"<h2>Strongest concepts</h2><div class='grid'>"
+                    + "".join(figure(i, c, 1, "concept") for c, _ in strongest) + "</div>")
+            (tmp / "images" / f"{image_name(i)}.html").write_text(_page(f"image {keys[i]}", body, 1))
+
+        headers = ["concept", "frequency", "mean activation"]
+        if match is not None:
+            headers.append("match")
+        header_html = "".join(f"<th data-sortable class='{'l' if h == 'concept' else ''}'>{h}</th>"
+                              for h in headers)
+        header_html += "<th class='l'>nearest centroids</th>" if centroids is not None else ""
+        header_html += "<th class='l'>top image</th>"
+        rows = []
+        for c in live:
+            cells = [f"<td class='l' data-v='{c}'><a href='concepts/{concept_name(c)}.html'>{c}</a></td>",
+                     f"<td data-v='{tops.frequency[c]:.8g}'>{tops.frequency[c]:.5f}</td>",
+                     f"<td data-v='{tops.mean_activation[c]:.8g}'>{tops.mean_activation[c]:.4f}</td>"]
+            if match is not None:
+                cells.append(f"<td data-v='{match[c]:.8g}'>{match[c]:.3f}</td>")
+            if centroids is not None:
+                cells.append("<td class='l'>" + ", ".join(
+                    f"{int(p)} ({wt:.2f})" for p, wt in zip(*[a[c] for a in centroids]) if wt >= 0.005) + "</td>")
+            first = int(tops.images[c, 0])
+            cells.append(f"<td class='l'><img class='thumb' src='img/{image_name(first)}.jpg' alt=''></td>")
+            rows.append("<tr>" + "".join(cells) + "</tr>")
+        dead_list = ", ".join(str(c) for c in dead) or "none"
+        body = (f"<h1>Concepts of {html.escape(str(fitdir))}</h1>"
+                f"<p>{config['sae']['sae']} · {k} concepts · store {html.escape(str(store.path))} "
+                f"({html.escape(str(store.attrs.get('model')))}, weights {html.escape(str(store.attrs.get('weights')))}) · "
+                f"{tops.tokens_seen} tokens of the {split} split · {len(live)} live, {len(dead)} dead</p>"
+                "<p>Filter <input id='filter' placeholder='concept id or centroid'> "
+                "minimum frequency <input id='minfreq' type='number' step='0.001' value='0'> · "
+                "click a column to sort</p>"
+                f"<table id='concepts'><thead><tr>{header_html}</tr></thead><tbody>{''.join(rows)}"
+                f"</tbody></table><h2 id='dead'>Dead concepts ({len(dead)})</h2><p>Never fire on "
+                f"this split: {dead_list}</p>")
+        (tmp / "index.html").write_text(_page("archsae concepts", body))
+        summary = {"fit": str(fitdir), "concepts": k, "live": len(live), "dead": len(dead),
+                   "images": len(shown), "top": top, "split": split,
+                   "against": str(against) if against else None}
+        (tmp / "site.json").write_text(json.dumps(summary, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary["bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return summary
