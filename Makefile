@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml
 ## ($(DEMO)/browser/index.html) and the report linking to it ($(REPORT)/index.md)
 demo: venv
 	$(BIN)/archsae extract --model vit --data demo --weights auto --out $(DEMO)/vit
-	$(BIN)/archsae stability-study $(DEMO)/vit --sae ra,a --seeds 3 --out $(DEMO)/study-seeds $(DEMO_FIT)
+	$(BIN)/archsae stability-study $(DEMO)/vit --sae ra,a,jumprelu,relu --seeds 3 --out $(DEMO)/study-seeds $(DEMO_FIT)
 	$(BIN)/archsae stability-study $(DEMO)/vit --sae ra,a --seeds 2 --subsets --out $(DEMO)/study-subsets $(DEMO_FIT)
 	$(BIN)/archsae baselines $(DEMO)/vit --concepts 256 --sample 4096 --json $(DEMO)/baselines.json
 	$(BIN)/archsae bench identifiability --model vit --weights auto --collages 200 --out $(DEMO)/identifiability

@@ -328,7 +328,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--device", help="cpu, cuda ... [cuda when available].")
 def plausibility_(model, weights, store, out, sizes, deltas, epochs, n_centroids, device):
     """Best cosine between classifier-head rows and atoms, swept over size and delta."""
-    from archsae.evaluate.plausibility import format_plausibility, run_plausibility
+    from archsae.benchmarks import run_plausibility
+    from archsae.evaluate.plausibility import format_plausibility
 
     sizes = tuple(int(s) for s in _floats(sizes))
     report = run_plausibility(model, weights, out, store, sizes, _floats(deltas), epochs,
@@ -348,7 +349,8 @@ def plausibility_(model, weights, store, out, sizes, deltas, epochs, n_centroids
 @click.option("--device", help="cpu, cuda ... [cuda when available].")
 def identifiability_(model, weights, collages, objects, out, epochs, batch_size, device):
     """Collages of known objects: does one concept tell whether an object is present?"""
-    from archsae.evaluate.identifiability import format_identifiability, run_identifiability
+    from archsae.benchmarks import run_identifiability
+    from archsae.evaluate.identifiability import format_identifiability
 
     report = run_identifiability(model, weights, out, collages, objects, epochs=epochs,
                                  batch_size=batch_size, device=device)
@@ -384,9 +386,12 @@ def report_(out, studies, baselines, identifiability, plausibility, browser):
 def browse_(fitdir, out, top, against, data, split):
     """A static site of the concepts: top images with heatmaps, image pages, sortable index."""
     from archsae.evaluate.browser import build_site
+    from archsae.evaluate.run import fit_store
+    from archsae.extract.display import StoreImages
 
     if top < 1:
         raise click.UsageError("--top must be at least 1")
-    s = build_site(fitdir, out, top, against, data, split)
+    images = StoreImages(fit_store(fitdir)[0], data)
+    s = build_site(fitdir, out, images.thumbnail, top, against, split)
     click.echo(f"wrote {Path(out) / 'index.html'}: {s['live']} live and {s['dead']} dead concepts, "
                f"{s['images']} images, {s['bytes'] / 1e6:.1f} MB")

@@ -9,6 +9,7 @@ Linear methods give at most d atoms (their number of components is capped at d).
 """
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +32,7 @@ class Baseline:
     atoms: torch.Tensor  # (k, d), standardised space
     encode: Callable[[torch.Tensor], torch.Tensor]  # (n, d) -> codes (n, k)
     decode: Callable[[torch.Tensor], torch.Tensor]  # codes -> (n, d)
+    converged: bool = True  # False: the solver stopped at its iteration limit
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction, codes)."""
@@ -94,7 +96,12 @@ def convex_nmf(x: torch.Tensor, k: int, seed: int = 0, iters: int = 50) -> tuple
 
 
 def _sklearn(name: str, model, x: torch.Tensor) -> Baseline:
-    model.fit(x.numpy())
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(x.numpy())
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
     def encode(v):
         return torch.from_numpy(model.transform(v.float().numpy())).double()
@@ -102,7 +109,7 @@ def _sklearn(name: str, model, x: torch.Tensor) -> Baseline:
     def decode(z):
         return torch.from_numpy(model.inverse_transform(z.numpy())).double()
 
-    return Baseline(name, torch.from_numpy(model.components_).double(), encode, decode)
+    return Baseline(name, torch.from_numpy(model.components_).double(), encode, decode, converged)
 
 
 def fit_baseline(name: str, x: torch.Tensor, k: int, seed: int = 0) -> Baseline:
@@ -158,6 +165,7 @@ def evaluate_baselines(store, concepts: int, names=BASELINES, seeds: int = 2, sa
                                  progress=progress, name=name)
         results[name] = {
             "concepts": int(first.atoms.shape[0]), "sample": n, "fit_seconds": seconds,
+            "converged": [f.converged for f in fitted],
             "metrics": metrics,
             "stability": compare_runs([f.atoms for f in fitted])}
     bar.close()

@@ -7,10 +7,11 @@ disk, no server, no CDN.
 - concepts/cNNNNN.html: the top-N images, the concept's activation over the patch grid drawn as
   a heatmap on each, activation values, links to the most similar atoms.
 - images/iNNNNNN.html: one image with its strongest concepts and their heatmaps.
-Images are shown as the backbone saw them (its resize and centre crop), so the patch grid lies
-on them exactly. Heatmaps are CSS grids: no image files beyond one thumbnail per image.
+Images are shown as the backbone saw them (`archsae.extract.display`: its resize and centre
+crop), so the patch grid lies on them exactly. Heatmaps are tiny inline PNGs (one pixel per patch): no files beyond one thumbnail per image.
 """
 
+import base64
 import html
 import io
 import json
@@ -18,6 +19,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,7 +31,6 @@ from archsae.errors import UserError
 from archsae.evaluate.run import fit_store
 from archsae.evaluate.stability import match_atoms, unit_atoms
 from archsae.evaluate.top_activations import top_activations
-from archsae.extract.sources import open_source
 from archsae.fit import load
 
 NEIGHBOURS = 5
@@ -45,8 +46,7 @@ td.l, th.l { text-align: left; }
 figure { margin: 0; width: 224px; } figcaption { font-size: 12px; }
 .frame { position: relative; width: 224px; height: 224px; }
 .frame img { width: 224px; height: 224px; display: block; }
-.heat { position: absolute; inset: 0; display: grid; }
-.heat i { background: rgb(255, 40, 0); opacity: 0; }
+.frame img.heat { position: absolute; inset: 0; image-rendering: pixelated; }
 .thumb { width: 48px; height: 48px; vertical-align: middle; }
 """
 
@@ -94,42 +94,6 @@ def image_name(i: int) -> str:
     return f"i{i:06d}"
 
 
-class DisplayImages:
-    """The store's images as the backbone saw them (timm's eval resize + centre crop)."""
-
-    def __init__(self, store, data: str | None):
-        import timm.data
-
-        source_info = store.attrs.get("source") or {}
-        location = data or source_info.get("location")
-        if source_info.get("kind") == "import" or not location:
-            raise UserError(f"{store.path} has no images (imported activations): the browser "
-                            "needs a store made by `archsae extract`")
-        try:
-            self.source = open_source(location)
-        except UserError as exc:
-            raise UserError(f"the images of {store.path} are not at {location} ({exc.format_message()}): "
-                            "pass --data with where they are now") from None
-        if self.source.manifest_hash() != store.attrs.get("source_hash"):
-            raise UserError(f"the images at {location} are not the ones {store.path} was extracted "
-                            "from: pass --data with the original images")
-        cfg = store.attrs["preprocessing"]
-        transform = timm.data.create_transform(
-            input_size=tuple(cfg["input_size"]), interpolation=cfg.get("interpolation", "bicubic"),
-            crop_pct=cfg.get("crop_pct", 0.875), crop_mode=cfg.get("crop_mode", "center"))
-        self.steps = [t for t in transform.transforms
-                      if "Tensor" not in type(t).__name__ and "Normalize" not in type(t).__name__]
-
-    def thumbnail(self, i: int) -> bytes:
-        with Image.open(io.BytesIO(self.source.read(i))) as img:
-            img = img.convert("RGB")
-            for step in self.steps:
-                img = step(img)
-        buf = io.BytesIO()
-        img.resize((224, 224), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=85)
-        return buf.getvalue()
-
-
 def nearest_atoms(atoms: torch.Tensor, n: int = NEIGHBOURS, block: int = 1024):
     """(k, n) indices and cosines of each atom's most similar other atoms, in blocks of rows."""
     u = unit_atoms(atoms).float()
@@ -144,14 +108,17 @@ def nearest_atoms(atoms: torch.Tensor, n: int = NEIGHBOURS, block: int = 1024):
 
 
 def _heat(values: np.ndarray, kinds: np.ndarray, grid, scale: float) -> str:
-    """A CSS grid over the patch tokens; opacity = activation / scale."""
+    """The activation over the patch grid as a tiny PNG (one pixel per patch, red, alpha =
+    activation / scale) laid over the picture and stretched without smoothing."""
     patch = values[kinds == TOKEN_KINDS.index("patch")]
     if grid is None or len(patch) != grid[0] * grid[1] or scale <= 0:
         return ""
-    opacity = np.clip(patch / scale, 0.0, 1.0) * 0.75
-    cells = "".join(f"<i style=opacity:{o:.2f}></i>" if o >= 0.005 else "<i></i>" for o in opacity)
-    return (f"<div class='heat' style='grid-template-columns:repeat({grid[1]},1fr);"
-            f"grid-template-rows:repeat({grid[0]},1fr)'>{cells}</div>")
+    rgba = np.zeros((grid[0], grid[1], 4), np.uint8)
+    rgba[..., 0], rgba[..., 1] = 255, 40
+    rgba[..., 3] = (np.clip(patch / scale, 0.0, 1.0) * 0.75 * 255).round().reshape(grid)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG", optimize=True)
+    return f"<img class='heat' alt='' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
 
 
 def _prefix_values(values: np.ndarray, kinds: np.ndarray) -> str:
@@ -159,12 +126,12 @@ def _prefix_values(values: np.ndarray, kinds: np.ndarray) -> str:
     return (" · " + ", ".join(parts)) if parts else ""
 
 
-def build_site(fitdir, out, top: int = 16, against=None, data: str | None = None,
+def build_site(fitdir, out, thumbnail: Callable[[int], bytes], top: int = 16, against=None,
                split: str = "all", progress: bool = True) -> dict:
-    """Write the site into `out` (whole or not at all); returns a summary."""
+    """Write the site into `out` (whole or not at all); returns a summary. `thumbnail(i)` gives
+    store image i as the backbone saw it, as JPEG bytes (224 x 224)."""
     out = Path(out)
     store, config = fit_store(fitdir)
-    images = DisplayImages(store, data)
     model = load(fitdir)
     atoms = model.dictionary.weight().detach()
     k = len(atoms)
@@ -196,7 +163,7 @@ def build_site(fitdir, out, top: int = 16, against=None, data: str | None = None
         (tmp / "site.js").write_text(JS)
         shown = tops.site_images()
         for i in tqdm(shown, unit="img", desc="thumbnails", disable=not progress):
-            (tmp / "img" / f"{image_name(i)}.jpg").write_bytes(images.thumbnail(i))
+            (tmp / "img" / f"{image_name(i)}.jpg").write_bytes(thumbnail(i))
         live = [c for c in range(k) if tops.frequency[c] > 0]
         dead = [c for c in range(k) if tops.frequency[c] == 0]
 

@@ -12,20 +12,10 @@ mean_i max_j cos(r_i, D_j * std), in the raw token space where the head acts. Ra
 hidden layer (not a linear read-out) are refused.
 """
 
-import itertools
-from pathlib import Path
-
 import torch
 
-from archsae.cache import is_store, open_store
 from archsae.errors import UserError
 from archsae.evaluate.stability import unit_atoms
-from archsae.extract.presets import build_backbone
-from archsae.extract.run import extract
-from archsae.fit import load
-from archsae.fit.sae import sae_settings
-from archsae.fit.step import FitSettings
-from archsae.fit.train import ensure_centroids, fit
 
 
 def head_rows(model: torch.nn.Module) -> tuple[torch.Tensor, str]:
@@ -57,48 +47,6 @@ def plausibility(rows: torch.Tensor, atoms: torch.Tensor, std: torch.Tensor) -> 
 def random_plausibility(rows: torch.Tensor, k: int, std: torch.Tensor, seed: int = 0) -> float:
     g = torch.Generator().manual_seed(seed)
     return plausibility(rows, torch.randn(k, len(std), generator=g, dtype=torch.float64), std)
-
-
-def run_plausibility(model: str, weights: str, out, store=None, sizes=(512, 2048),
-                     deltas=(0.0, 1.0), epochs: int = 10, n_centroids: int | None = None,
-                     device: str | None = None, progress: bool = True) -> dict:
-    """Fit TopK and archetypal SAEs (one per delta) at each size on the store (extracted from
-    the demo data when not given), and score their atoms against the head."""
-    out = Path(out)
-    store = Path(store) if store else out / "store"
-    if not is_store(store):
-        extract(model, "demo", store, weights=weights, device=device, progress=progress)
-    opened = open_store(store)
-    if opened.attrs.get("model") != model:
-        raise UserError(f"{store} was made by {opened.attrs.get('model')!r}, not {model!r}: "
-                        "pass its store or leave --store out")
-    backbone = build_backbone(model, weights)
-    if backbone.weights != opened.attrs["weights"]:
-        raise UserError(f"{store} holds activations of weights {opened.attrs['weights']}, the head "
-                        f"is from {backbone.weights}: pass the same --weights")
-    rows, mapping = head_rows(backbone.model)
-    if rows.shape[1] != opened.d:
-        raise UserError(f"the head reads {rows.shape[1]} features, the store's tokens have "
-                        f"{opened.d}: use the last layer (no --layer)")
-    _, _, std = opened.feature_stats("all")
-    std = torch.from_numpy(std)
-    cfg = FitSettings(epochs=epochs, device=device)
-    probe = sae_settings("ra", opened.d, max(sizes), decoder_init="centroids")
-    ensure_centroids(store, probe, cfg, n_centroids, progress)
-    report = {"model": model, "weights": opened.attrs["weights"], "store": str(store),
-              "head": mapping, "classes": int(rows.shape[0]), "rows": []}
-    variants = [("topk", None)] + [("ra" if delta > 0 else "a", delta) for delta in deltas]
-    for size, (sae, delta) in itertools.product(sizes, variants):
-        settings = sae_settings(sae, opened.d, size, delta=delta, centroids=probe.centroids)
-        run = out / (f"{sae}-k{size}" + ("" if delta is None else f"-delta{delta:g}"))
-        fit(store, run, settings, cfg, resume=True, progress=progress)
-        atoms = load(run).dictionary.weight()
-        report["rows"].append({"sae": sae, "concepts": size, "delta": delta, "fit": str(run),
-                               "plausibility": plausibility(rows, atoms, std)})
-    for size in sizes:
-        report["rows"].append({"sae": "random atoms", "concepts": size, "delta": None, "fit": None,
-                               "plausibility": random_plausibility(rows, size, std)})
-    return report
 
 
 def format_plausibility(report: dict) -> str:

@@ -61,7 +61,8 @@ def collect(studies=(), baselines=None, identifiability=None, plausibility=None,
                 curves[name] = _training_curve(first / "metrics.jsonl")
     base = _read(baselines)
     for name, b in (base or {}).get("baselines", {}).items():
-        methods[name] = {"method": name, "family": "baseline", "description": f"baseline: {name}",
+        note = "" if all(b.get("converged", [True])) else " (solver at its iteration limit)"
+        methods[name] = {"method": name, "family": "baseline", "description": f"baseline: {name}{note}",
                          "concepts": b["concepts"], "metrics": b["metrics"],
                          "stability_seeds": b["stability"]["mean"], "stability_seeds_sd": b["stability"]["sd"],
                          "max_cosine": b["stability"].get("max_cosine")}

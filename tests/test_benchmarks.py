@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from archsae.evaluate.identifiability import (OBJECT_SETS, PER_COLLAGE, collage_objects,
-                                              identifiability_scores, presence)
+from archsae.evaluate.identifiability import identifiability_scores
+from archsae.extract.collages import OBJECT_SETS, PER_COLLAGE, collage_objects, presence
 from archsae.evaluate.plausibility import head_rows, plausibility, random_plausibility
 from conftest import TINY, cli
 

@@ -115,8 +115,10 @@ def test_site_in_headless_chromium(site, browser, tmp_path):
     figures = browser.find_elements(By.CSS_SELECTOR, "figure")
     assert len(figures) == TOP
     for f in figures:
-        assert len(f.find_elements(By.CSS_SELECTOR, ".heat i")) == 100
-        assert f.find_element(By.TAG_NAME, "img").get_property("naturalWidth") == 224
+        heat = f.find_element(By.CSS_SELECTOR, "img.heat")  # one pixel per patch of the 10 x 10 grid
+        assert heat.get_property("naturalWidth") == 10 and heat.get_property("naturalHeight") == 10
+        assert heat.size["width"] == 224  # stretched over the picture
+        assert f.find_element(By.CSS_SELECTOR, "img:not(.heat)").get_property("naturalWidth") == 224
         assert "max" in f.text
     assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     shot = tmp_path / "concept.png"
@@ -124,3 +126,12 @@ def test_site_in_headless_chromium(site, browser, tmp_path):
     assert shot.stat().st_size > 10_000
     figures[0].find_element(By.TAG_NAME, "a").click()  # to the image page
     assert browser.find_elements(By.CSS_SELECTOR, "figure") and "Image" in browser.page_source
+
+
+def test_imported_store_has_no_images_to_browse(tmp_path):
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).normal(size=(300, 4, 16)).astype(np.float32))
+    assert cli("import", tmp_path / "a.npy", "--out", tmp_path / "s").exit_code == 0
+    fit(tmp_path / "s", tmp_path / "f", sae_settings("topk", 16, 8, 2), FitSettings(epochs=1, batch_size=64),
+        progress=False)
+    res = cli("browse", tmp_path / "f", "--out", tmp_path / "site")
+    assert res.exit_code == 2 and "no images" in res.output and not (tmp_path / "site").exists()

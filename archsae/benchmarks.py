@@ -1,0 +1,98 @@
+"""The paper's two benchmarks end to end. They chain every stage (images -> extract -> fit ->
+evaluate), so they live here, above the stages; the maths is in `archsae.evaluate`
+(identifiability, plausibility) and the collage images in `archsae.extract.collages`.
+"""
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from archsae.cache import is_store, open_store
+from archsae.errors import UserError
+from archsae.evaluate.identifiability import ARCHETYPAL, METHODS, POINTS_PER_CENTROID, score_methods
+from archsae.evaluate.plausibility import head_rows, plausibility, random_plausibility
+from archsae.extract.collages import (OBJECT_SETS, PER_COLLAGE, bundled_objects, collage_objects,
+                                      folder_objects, presence, write_collages)
+from archsae.extract.presets import build_backbone
+from archsae.extract.run import extract
+from archsae.fit import load
+from archsae.fit.sae import sae_settings
+from archsae.fit.step import FitSettings
+from archsae.fit.train import ensure_centroids, fit
+
+
+def run_identifiability(model: str, weights: str, out, n_collages: int = 4000, objects_dir=None,
+                        methods=METHODS, seed: int = 0, epochs: int = 200, batch_size: int = 32,
+                        device: str | None = None, progress: bool = True) -> dict:
+    """Build (or reuse) each object set's collages and their store, fit every method, score it."""
+    if n_collages < 20:
+        raise UserError(f"--collages {n_collages} is too few: use at least 20 (4000 by default)")
+    out = Path(out)
+    sets = ({Path(objects_dir).name: folder_objects(objects_dir)} if objects_dir else
+            {name: bundled_objects(name) for name in OBJECT_SETS})
+    for name, objects in sets.items():  # check before any image is made
+        if set(methods) & set(ARCHETYPAL) and (n_collages // 2) // POINTS_PER_CENTROID < len(objects):
+            raise UserError(f"--collages {n_collages} is too few for {len(objects)} archetypes "
+                            f"({name}): use at least {2 * POINTS_PER_CENTROID * len(objects)}")
+    report = {"model": model, "collages_per_set": n_collages, "split": "half train, half test",
+              "per_collage": PER_COLLAGE, "sets": {}}
+    for name, objects in sets.items():
+        data = out / f"{name}-{n_collages}-seed{seed}"
+        pattern = write_collages(objects, n_collages, data / "shards", seed)
+        store = extract(model, pattern, data / model.replace(":", "_"), weights=weights,
+                        batch_size=batch_size, device=device, progress=progress)
+        pooled = torch.from_numpy(np.asarray(store.group["pooled"][:], np.float32))
+        present = presence(collage_objects(n_collages, len(objects), seed), len(objects))
+        report["weights"] = store.attrs["weights"]
+        report["sets"][name] = {
+            "objects": [o[0] for o in objects], "store": str(store.path),
+            "chance": 1 - PER_COLLAGE / len(objects),
+            "methods": score_methods(pooled, present, PER_COLLAGE, methods, seed, epochs, progress, name)}
+    report["mean"] = {m: float(np.mean([s["methods"][m]["score"] for s in report["sets"].values()]))
+                      for m in methods}
+    return report
+
+
+def run_plausibility(model: str, weights: str, out, store=None, sizes=(512, 2048),
+                     deltas=(0.0, 1.0), epochs: int = 10, n_centroids: int | None = None,
+                     device: str | None = None, progress: bool = True) -> dict:
+    """Fit TopK and archetypal SAEs (one per delta) at each size on the store (extracted from
+    the demo data when not given), and score their atoms against the head."""
+    out = Path(out)
+    store = Path(store) if store else out / "store"
+    if not is_store(store):
+        extract(model, "demo", store, weights=weights, device=device, progress=progress)
+    opened = open_store(store)
+    if opened.attrs.get("model") != model:
+        raise UserError(f"{store} was made by {opened.attrs.get('model')!r}, not {model!r}: "
+                        "pass its store or leave --store out")
+    backbone = build_backbone(model, weights)
+    if backbone.weights != opened.attrs["weights"]:
+        raise UserError(f"{store} holds activations of weights {opened.attrs['weights']}, the head "
+                        f"is from {backbone.weights}: pass the same --weights")
+    rows, mapping = head_rows(backbone.model)
+    if rows.shape[1] != opened.d:
+        raise UserError(f"the head reads {rows.shape[1]} features, the store's tokens have "
+                        f"{opened.d}: use the last layer (no --layer)")
+    _, _, std = opened.feature_stats("all")
+    std = torch.from_numpy(std)
+    cfg = FitSettings(epochs=epochs, device=device)
+    probe = sae_settings("ra", opened.d, max(sizes), decoder_init="centroids")
+    ensure_centroids(store, probe, cfg, n_centroids, progress)
+    report = {"model": model, "weights": opened.attrs["weights"], "store": str(store),
+              "head": mapping, "classes": int(rows.shape[0]), "rows": []}
+    variants = [("topk", None)] + [("ra" if delta > 0 else "a", delta) for delta in deltas]
+    for size, (sae, delta) in itertools.product(sizes, variants):
+        settings = sae_settings(sae, opened.d, size, delta=delta, centroids=probe.centroids)
+        run = out / (f"{sae}-k{size}" + ("" if delta is None else f"-delta{delta:g}"))
+        fit(store, run, settings, cfg, resume=True, progress=progress)
+        atoms = load(run).dictionary.weight()
+        report["rows"].append({"sae": sae, "concepts": size, "delta": delta, "fit": str(run),
+                               "plausibility": plausibility(rows, atoms, std)})
+    for size in sizes:
+        report["rows"].append({"sae": "random atoms", "concepts": size, "delta": None, "fit": None,
+                               "plausibility": random_plausibility(rows, size, std)})
+    return report
+
