@@ -73,11 +73,9 @@ def run_plausibility(model: str, weights: str, out, store=None, sizes=(512, 2048
         raise UserError(f"{store} holds activations of weights {opened.attrs['weights']}, the head "
                         f"is from {backbone.weights}: pass the same --weights")
     rows, mapping = head_rows(backbone.model)
-    if rows.shape[1] != opened.d:
-        raise UserError(f"the head reads {rows.shape[1]} features, the store's tokens have "
-                        f"{opened.d}: use the last layer (no --layer)")
-    _, _, std = opened.feature_stats("all")
-    std = torch.from_numpy(std)
+    if opened.attrs.get("layer") != "forward_features" or rows.shape[1] != opened.d:
+        raise UserError(f"{store} holds layer {opened.attrs.get('layer')} ({opened.d} features); "
+                        f"the head reads the last layer's {rows.shape[1]}: extract without --layer")
     cfg = FitSettings(epochs=epochs, device=device)
     probe = sae_settings("ra", opened.d, max(sizes), decoder_init="centroids")
     ensure_centroids(store, probe, cfg, n_centroids, progress)
@@ -88,9 +86,10 @@ def run_plausibility(model: str, weights: str, out, store=None, sizes=(512, 2048
         settings = sae_settings(sae, opened.d, size, delta=delta, centroids=probe.centroids)
         run = out / (f"{sae}-k{size}" + ("" if delta is None else f"-delta{delta:g}"))
         fit(store, run, settings, cfg, resume=True, progress=progress)
-        atoms = load(run).dictionary.weight()
+        trained = load(run)
+        std = trained.input_std
         report["rows"].append({"sae": sae, "concepts": size, "delta": delta, "fit": str(run),
-                               "plausibility": plausibility(rows, atoms, std)})
+                               "plausibility": plausibility(rows, trained.dictionary.weight(), std)})
     for size in sizes:
         report["rows"].append({"sae": "random atoms", "concepts": size, "delta": None, "fit": None,
                                "plausibility": random_plausibility(rows, size, std)})

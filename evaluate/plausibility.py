@@ -4,9 +4,9 @@ backbone's own classifier reads, mean over classes of max_j cos(v_i, D_j).
 The space mismatch, handled here: atoms live in the standardised token space of the store; the
 head reads pooled (averaged or CLS) tokens, sometimes through a LayerNorm. Pooling is linear, so
 a concept adds the same direction to the pooled vector as to its token. A LayerNorm with scale
-gamma centres its input and divides by a positive per-image scale, so to first order class i
-reads the raw (unstandardised) token direction r_i = centre(gamma * v_i); without a norm,
-r_i = v_i. An atom D_j (standardised) adds D_j * std to a raw token. Plausibility is therefore
+gamma centres its input and divides by a positive per-image scale, so the image-independent
+part of the raw (unstandardised) token direction class i reads is r_i = centre(gamma * v_i) (the
+rest depends on the image and is left out); without a norm, r_i = v_i. An atom D_j (standardised) adds D_j * std to a raw token. Plausibility is therefore
 mean_i max_j cos(r_i, D_j * std), in the raw token space where the head acts. Random atoms
 (Gaussian in the standardised space) give the chance level it is printed beside. Heads with a
 hidden layer (not a linear read-out) are refused.

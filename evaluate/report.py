@@ -35,7 +35,8 @@ def _describe(name: str) -> str:
         return CONTROL_NOTE[name]
     if name.endswith("-no-projection"):
         return "control: archetypal start, projection off"
-    return {"ra": "RA-SAE", "a": "A-SAE"}.get(name, name)
+    return {"ra": "RA-SAE", "a": "A-SAE", "jumprelu": "JumpReLU SAE", "batchtopk": "BatchTopK SAE",
+            "relu": "ReLU SAE (L1 penalty)"}.get(name, name)
 
 
 def collect(studies=(), baselines=None, identifiability=None, plausibility=None, browser=None,
@@ -104,7 +105,8 @@ def write_markdown(report: dict, out: Path, plots: dict[str, str]) -> None:
           f"Store: `{report['store']}`. Every number here is in `report.json` (rounded to 4 "
           "decimals in these tables). Metrics are on the held-out images of the store, "
           "standardised activations; stability is the signed-Hungarian mean |cos| over every "
-          "pair of runs.", ""]
+          "pair of runs (for the baselines each seed also draws a fresh training sample); max "
+          "cosine is max_ij cos(D_i, D'_j) between two runs, mean over pairs.", ""]
     if report["browser"]:
         md += [f"Concept browser: [{report['browser']}]({report['browser']}/index.html)", ""]
     if report["methods"]:
