@@ -135,3 +135,24 @@ def test_imported_store_has_no_images_to_browse(tmp_path):
         progress=False)
     res = cli("browse", tmp_path / "f", "--out", tmp_path / "site")
     assert res.exit_code == 2 and "no images" in res.output and not (tmp_path / "site").exists()
+
+
+def test_heatmap_covers_a_conv_grid_with_alpha_proportional_to_activation():
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    from archsae.cache import TOKEN_KINDS
+    from archsae.evaluate.browser import _heat
+
+    values = np.linspace(0, 2, 49)  # a 7 x 7 feature map: every token is a patch
+    kinds = np.full(49, TOKEN_KINDS.index("patch"))
+    tag = _heat(values, kinds, [7, 7], scale=2.0)
+    data = re.search(r"base64,([^']+)", tag).group(1)
+    img = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert img.size == (7, 7)
+    alpha = np.asarray(img)[..., 3].reshape(-1)
+    np.testing.assert_allclose(alpha, np.round(values / 2 * 0.75 * 255), atol=1)
+    assert _heat(values, kinds, None, 2.0) == ""  # no grid (imported tokens): no heatmap
