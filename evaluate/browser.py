@@ -142,14 +142,15 @@ def build_site(fitdir, out, thumbnail: Callable[[int], bytes], top: int = 16, ag
         if len(other) < k:
             raise UserError(f"--against {against} has {len(other)} atoms, fewer than this fit's {k}: "
                             "compare against a fit at least as large")
-        cols, cos, _ = match_atoms(atoms, other)
+        _, cos, _ = match_atoms(atoms, other)
         match = np.abs(cos)
     neighbours, neighbour_cos = nearest_atoms(atoms)
     centroids = None
-    if config["sae"]["dictionary"] == "archetypal":
+    if config["sae"]["dictionary"] == "archetypal":  # the heaviest entries of each row of W
         w = model.dictionary.W.detach()
         cw, ci = w.topk(min(CENTROIDS_SHOWN, w.shape[1]), dim=1)
-        centroids = (ci.numpy(), cw.numpy())
+        centroids = [", ".join(f"{int(p)} ({wt:.2f})" for p, wt in zip(ps, ws) if wt >= 0.005)
+                     for ps, ws in zip(ci.tolist(), cw.tolist())]
     kinds = store.token_kind
     grid = store.attrs.get("patch_grid")
     keys = np.asarray(store.group["keys"][:])
@@ -167,13 +168,13 @@ def build_site(fitdir, out, thumbnail: Callable[[int], bytes], top: int = 16, ag
         live = [c for c in range(k) if tops.frequency[c] > 0]
         dead = [c for c in range(k) if tops.frequency[c] == 0]
 
-        def figure(i, c, depth, link_to):
+        def figure(i, c, link_to):  # on a page one folder down
             v = tops.heatmaps[(i, c)]
             scale = float(tops.values[c, 0]) if tops.values[c, 0] > 0 else float(v.max())
             target = (f"../images/{image_name(i)}.html" if link_to == "image"
                       else f"../concepts/{concept_name(c)}.html")
             label = (f"image {html.escape(str(keys[i]))}" if link_to == "image" else f"concept {c}")
-            return (f"<figure><a href='{target}'><div class='frame'><img src='{'../' * depth}img/"
+            return (f"<figure><a href='{target}'><div class='frame'><img src='../img/"
                     f"{image_name(i)}.jpg' alt='{html.escape(str(keys[i]))}'>"
                     f"{_heat(v, kinds, grid, scale)}</div></a>"
                     f"<figcaption>{label}: max {v.max():.3f}{_prefix_values(v, kinds)}</figcaption></figure>")
@@ -186,12 +187,11 @@ def build_site(fitdir, out, thumbnail: Callable[[int], bytes], top: int = 16, ag
             if match is not None:
                 facts.append(f"match against {html.escape(str(against))}: {match[c]:.3f}")
             if centroids is not None:
-                facts.append("nearest centroids " + ", ".join(
-                    f"{int(p)} ({wt:.2f})" for p, wt in zip(*[a[c] for a in centroids]) if wt >= 0.005))
+                facts.append(f"nearest centroids {centroids[c]}")
             body = (f"<p><a href='../index.html'>all concepts</a></p><h1>Concept {c}</h1>"
                     f"<p>{' · '.join(facts)}</p><p>most similar atoms (cosine): {near}</p>"
                     f"<h2>Top {len(imgs)} images</h2><div class='grid'>"
-                    + "".join(figure(i, c, 1, "image") for i in imgs) + "</div>")
+                    + "".join(figure(i, c, "image") for i in imgs) + "</div>")
             (tmp / "concepts" / f"{concept_name(c)}.html").write_text(_page(f"concept {c}", body, 1))
 
         for i in tqdm(shown, unit="img", desc="image pages", disable=not progress):
@@ -199,7 +199,7 @@ def build_site(fitdir, out, thumbnail: Callable[[int], bytes], top: int = 16, ag
             body = (f"<p><a href='../index.html'>all concepts</a></p><h1>Image {html.escape(str(keys[i]))}</h1>"
                     f"<p><img src='../img/{image_name(i)}.jpg' width='224' height='224'></p>"
                     f"<h2>Strongest concepts</h2><div class='grid'>"
-                    + "".join(figure(i, c, 1, "concept") for c, _ in strongest) + "</div>")
+                    + "".join(figure(i, c, "concept") for c, _ in strongest) + "</div>")
             (tmp / "images" / f"{image_name(i)}.html").write_text(_page(f"image {keys[i]}", body, 1))
 
         headers = ["concept", "frequency", "mean activation"]
@@ -217,8 +217,7 @@ def build_site(fitdir, out, thumbnail: Callable[[int], bytes], top: int = 16, ag
             if match is not None:
                 cells.append(f"<td data-v='{match[c]:.8g}'>{match[c]:.3f}</td>")
             if centroids is not None:
-                cells.append("<td class='l'>" + ", ".join(
-                    f"{int(p)} ({wt:.2f})" for p, wt in zip(*[a[c] for a in centroids]) if wt >= 0.005) + "</td>")
+                cells.append(f"<td class='l'>{centroids[c]}</td>")
             first = int(tops.images[c, 0])
             cells.append(f"<td class='l'><img class='thumb' src='img/{image_name(first)}.jpg' alt=''></td>")
             rows.append("<tr>" + "".join(cells) + "</tr>")
