@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from archsae.evaluate.identifiability import identifiability_scores
-from archsae.extract.collages import OBJECT_SETS, PER_COLLAGE, collage_objects, presence
+from archsae.extract.collages import (OBJECT_SETS, PER_COLLAGE, TILE, bundled_objects,
+                                      collage_objects, presence, render_collage)
 from archsae.evaluate.plausibility import head_rows, plausibility, random_plausibility
 from conftest import TINY, cli
 
@@ -20,6 +21,11 @@ def test_collages_hold_four_distinct_objects_and_bundled_sets_are_large_enough()
     assert np.unique(layout).tolist() == list(range(10))  # every object appears
     assert len(OBJECT_SETS) >= 2 and all(9 <= len(s) <= 12 for s in OBJECT_SETS.values())
     assert not set(OBJECT_SETS["objects"]) & set(OBJECT_SETS["textures"])
+    for name in OBJECT_SETS:  # shipped with scikit-image / scikit-learn: nothing downloaded
+        photos = bundled_objects(name)
+        assert all(p.ndim == 3 and p.shape[2] == 3 and p.dtype == np.uint8 for _, p in photos)
+    collage = render_collage([p for _, p in photos[:4]], np.random.default_rng(0))
+    assert collage.size == (2 * TILE, 2 * TILE)
 
 
 def test_identifiability_golden_values():
