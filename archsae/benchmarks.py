@@ -61,6 +61,8 @@ def run_plausibility(model: str, weights: str, out, store=None, sizes=(512, 2048
     """Fit TopK and archetypal SAEs (one per delta) at each size on the store (extracted from
     the demo data when not given), and score their atoms against the head."""
     out = Path(out)
+    backbone = build_backbone(model, weights)
+    rows, mapping = head_rows(backbone.model)  # refuse a headless backbone before any work
     store = Path(store) if store else out / "store"
     if not is_store(store):
         extract(model, "demo", store, weights=weights, device=device, progress=progress)
@@ -68,17 +70,19 @@ def run_plausibility(model: str, weights: str, out, store=None, sizes=(512, 2048
     if opened.attrs.get("model") != model:
         raise UserError(f"{store} was made by {opened.attrs.get('model')!r}, not {model!r}: "
                         "pass its store or leave --store out")
-    backbone = build_backbone(model, weights)
     if backbone.weights != opened.attrs["weights"]:
         raise UserError(f"{store} holds activations of weights {opened.attrs['weights']}, the head "
                         f"is from {backbone.weights}: pass the same --weights")
-    rows, mapping = head_rows(backbone.model)
     if opened.attrs.get("layer") != "forward_features" or rows.shape[1] != opened.d:
         raise UserError(f"{store} holds layer {opened.attrs.get('layer')} ({opened.d} features); "
                         f"the head reads the last layer's {rows.shape[1]}: extract without --layer")
     cfg = FitSettings(epochs=epochs, device=device)
     probe = sae_settings("ra", opened.d, max(sizes), decoder_init="centroids")
     ensure_centroids(store, probe, cfg, n_centroids, progress)
+    n_points = len(opened.load_centroids(probe.centroids)[0])
+    if n_points < max(sizes):
+        raise UserError(f"{max(sizes)} archetypal atoms need at least as many centroids, the set "
+                        f"{probe.centroids} has {n_points}: raise --n-centroids or lower --sizes")
     report = {"model": model, "weights": opened.attrs["weights"], "store": str(store),
               "head": mapping, "classes": int(rows.shape[0]), "rows": []}
     variants = [("topk", None)] + [("ra" if delta > 0 else "a", delta) for delta in deltas]

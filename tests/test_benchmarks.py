@@ -122,3 +122,6 @@ def test_plausibility_cli(fit_store, tmp_path):
     res = cli("bench", "plausibility", "--model", TINY, "--weights", "random", "--store", fit_store,
               "--out", tmp_path / "x", "--sizes", "16,big")
     assert res.exit_code == 2
+    res = cli("bench", "plausibility", "--model", TINY, "--weights", "random", "--store", fit_store,
+              "--out", tmp_path / "y", "--sizes", "16,128", "--n-centroids", 64)
+    assert res.exit_code == 2 and "--n-centroids" in res.output and not (tmp_path / "y").exists()
