@@ -2,9 +2,10 @@
 matrix in memory.
 
 Images are encoded a few at a time; an image's activation of a concept is the maximum over its
-tokens. A running top-N per concept (N x k values and image indices) and each image's strongest
-concepts (M per image) are all that is kept, with per-concept firing counts and sums. The
-heatmaps are then computed for the few images that made it into some top list only.
+tokens. A running top-N per concept (N x k values and image indices) and per-concept firing
+counts and sums are all that is kept, so memory does not grow with the number of images. A
+second pass re-encodes only the images that made some top list, for their strongest concepts
+and per-token heatmaps.
 """
 
 from dataclasses import dataclass
@@ -32,17 +33,21 @@ class TopActivations:
         return sorted(set(self.images[self.images >= 0].tolist()))
 
 
-def _image_batches(loader: TokenStore, max_tokens: int):
-    """(store image indices, their tokens (n, T, d)) in store order, a few images at a time."""
+def _image_batches(loader: TokenStore, max_tokens: int, only: set[int] | None = None):
+    """(store image indices, their tokens (n, T, d)) in store order, a few images at a time;
+    `only` restricts them to those store image indices (units without any are not read)."""
     t = len(loader.positions)
     per_batch = max(1, max_tokens // t)
+    only = None if only is None else np.fromiter(only, np.int64)
     for unit, images in enumerate(loader.unit_images):
-        if len(images) == 0:
+        index = loader.store.unit_bounds(unit)[0] + images
+        keep = np.isin(index, only) if only is not None else np.ones(len(index), bool)
+        if not keep.any():
             continue
-        start, _ = loader.store.unit_bounds(unit)
-        rows = loader.read_unit(unit).reshape(len(images), t, loader.d)
-        for b in range(0, len(images), per_batch):
-            yield start + images[b:b + per_batch], rows[b:b + per_batch]
+        rows = loader.read_unit(unit).reshape(len(images), t, loader.d)[keep]
+        index = index[keep]
+        for b in range(0, len(index), per_batch):
+            yield index[b:b + per_batch], rows[b:b + per_batch]
 
 
 @torch.no_grad()
@@ -62,7 +67,6 @@ def top_activations(fitdir, top: int = 16, per_image: int = 8, split: str = "all
     images = torch.full((top, k), -1, dtype=torch.int64)
     fired = torch.zeros(k, dtype=torch.float64)
     total = torch.zeros(k, dtype=torch.float64)
-    image_concepts: dict[int, list[tuple[int, float]]] = {}
     n_images = int(loader.image_mask.sum())
     with tqdm(total=n_images, unit="img", desc="top activations", disable=not progress) as bar:
         for index, rows in _image_batches(loader, max_tokens):
@@ -74,42 +78,23 @@ def top_activations(fitdir, top: int = 16, per_image: int = 8, split: str = "all
             merged_i = torch.cat([images, torch.from_numpy(index).long()[:, None].expand(-1, k)])
             values, order = merged_v.topk(top, dim=0)
             images = merged_i.gather(0, order)
-            strongest_v, strongest_c = best.topk(min(per_image, k), dim=1)
-            for i, vs, cs in zip(index.tolist(), strongest_v.tolist(), strongest_c.tolist()):
-                image_concepts[i] = [(c, v) for c, v in zip(cs, vs) if v > 0]
             bar.update(len(index))
     images[values <= 0] = -1
     values = values.T.numpy()
     images = images.T.numpy()
     result = TopActivations(values, images, (fired / max(loader.n_tokens, 1)).numpy(),
                             (total / fired.clamp_min(1)).numpy(), {}, {}, loader.n_tokens)
-    # second pass, over the images shown only: per-token activations for their heatmaps
+    # second pass, over the images shown only: their strongest concepts and per-token heatmaps
     wanted: dict[int, set[int]] = {}
     for c, row in enumerate(images):
         for i in row[row >= 0]:
             wanted.setdefault(int(i), set()).add(c)
-    for i in wanted:
-        wanted[i].update(c for c, _ in image_concepts.get(i, []))
-        result.image_concepts[i] = image_concepts.get(i, [])
-    for index, rows in _select(loader, sorted(wanted), max_tokens):
+    for index, rows in _image_batches(loader, max_tokens, only=set(wanted)):
         z = codes_of(rows)
-        for i, per_token in zip(index.tolist(), z):
-            for c in wanted[i]:
+        strongest_v, strongest_c = z.amax(1).topk(min(per_image, k), dim=1)
+        for i, per_token, vs, cs in zip(index.tolist(), z, strongest_v.tolist(), strongest_c.tolist()):
+            result.image_concepts[i] = [(c, v) for c, v in zip(cs, vs) if v > 0]
+            for c in wanted[i] | {c for c, _ in result.image_concepts[i]}:
                 result.heatmaps[(i, c)] = per_token[:, c].numpy().copy()
     return result
 
-
-def _select(loader: TokenStore, wanted: list[int], max_tokens: int):
-    """Like _image_batches, for the given store image indices only (read unit by unit)."""
-    wanted_set = set(wanted)
-    t = len(loader.positions)
-    per_batch = max(1, max_tokens // t)
-    tokens = loader.store.tokens
-    units = sorted({i // loader.store.chunk_images for i in wanted})
-    for unit in units:
-        start, stop = loader.store.unit_bounds(unit)
-        idx = np.array([i for i in range(start, stop) if i in wanted_set])
-        chunk = tokens[start:stop]
-        for b in range(0, len(idx), per_batch):
-            part = idx[b:b + per_batch]
-            yield part, np.ascontiguousarray(chunk[part - start][:, loader.positions])
