@@ -46,7 +46,7 @@ class CodeTally:
         self.l0 = []
         self.fired = torch.zeros(k, dtype=torch.int64)
         self.cofire = torch.zeros(k, k, dtype=torch.float64)  # sum over tokens of z z^T
-        self.coactive = torch.zeros(k, k, dtype=torch.float64)  # tokens where both are non-zero
+        self.coactive = torch.zeros(k, k, dtype=torch.float64)  # > 0 where both have fired together
         self.best_cos = torch.full((k,), -1.0, dtype=torch.float64)
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor) -> None:
@@ -58,8 +58,10 @@ class CodeTally:
         active = z != 0  # signed codes (PCA, ICA) fire when non-zero
         self.l0.append(active.sum(-1).numpy())
         self.fired += active.sum(0)
-        self.cofire += z.T @ z
-        self.coactive += active.double().T @ active.double()
+        cofire = z.T @ z
+        self.cofire += cofire
+        # co-activation mass |z|^T |z|: for non-negative (SAE) codes that is z^T z again
+        self.coactive += cofire if bool((z >= 0).all()) else z.abs().T @ z.abs()
         cos = self.units @ (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).T
         self.best_cos = torch.maximum(self.best_cos, cos.max(dim=1).values)
 

@@ -2,7 +2,7 @@
 same numbers as tables (rendered from that JSON, rounded to 4 decimals) and PNG plots.
 
 Inputs are what the other commands wrote: stability studies (`stability.json`; the first run
-of each variant of the first study is evaluated in full), baselines (`baselines.json`), the
+of each variant, evaluated in full by the study, gives the metrics), baselines (`baselines.json`), the
 two benchmarks (`identifiability.json`, `plausibility.json`), and the concept browser's folder.
 """
 
@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from archsae.evaluate.run import evaluate_fit
 from archsae.fit.checkpoint import write_json
 
 HEADLINE = ("r2", "l0", "dead", "stability_seeds", "stability_subsets", "max_cosine", "ood", "stable_rank",
@@ -39,8 +38,7 @@ def _describe(name: str) -> str:
             "relu": "ReLU SAE (L1 penalty)"}.get(name, name)
 
 
-def collect(studies=(), baselines=None, identifiability=None, plausibility=None, browser=None,
-            progress: bool = True) -> dict:
+def collect(studies=(), baselines=None, identifiability=None, plausibility=None, browser=None) -> dict:
     """Every number of the report, as one JSON-able dict."""
     paths = [Path(s) / "stability.json" if Path(s).is_dir() else Path(s) for s in studies]
     studies = [_read(p) for p in paths]
@@ -55,11 +53,10 @@ def collect(studies=(), baselines=None, identifiability=None, plausibility=None,
             if key == "stability_seeds" and "max_cosine" in v:
                 row["max_cosine"] = v["max_cosine"]
             if "metrics" not in row:
-                first = path.parent / name / "run0"
-                result = evaluate_fit(first, progress=progress)
-                row.update(fit=str(first), concepts=result["concepts"], top_k=result["top_k"],
-                           metrics=result["metrics"])
-                curves[name] = _training_curve(first / "metrics.jsonl")
+                first = v["first_run"]
+                row.update(fit=first["fit"], concepts=first["concepts"], top_k=first["top_k"],
+                           metrics=first["metrics"])
+                curves[name] = _training_curve(path.parent / name / "run0" / "metrics.jsonl")
     base = _read(baselines)
     for name, b in (base or {}).get("baselines", {}).items():
         note = "" if all(b.get("converged", [True])) else " (solver at its iteration limit)"

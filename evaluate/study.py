@@ -45,14 +45,16 @@ def stability_study(store, out, saes: list[SAESettings], cfg: FitSettings, seeds
               "varies": "data subset (90% of training images)" if subsets else "seed",
               "variants": {}}
     for name, settings in study_variants(saes).items():
-        runs, r2 = [], []
+        runs, evaluations = [], []
         for i in range(seeds):
             run_cfg = replace(cfg, subset=0.9, subset_seed=i) if subsets else replace(cfg, seed=i)
             run_dir = out / name / f"run{i}"
             fit(store, run_dir, replace(settings), run_cfg, resume=True, progress=progress)
             runs.append(load(run_dir).dictionary.weight().detach())
-            r2.append(evaluate_fit(run_dir, progress=False)["metrics"][cfg.tokens]["r2"])
-        report["variants"][name] = {**compare_runs(runs), "heldout_r2": r2}
+            evaluations.append(evaluate_fit(run_dir, progress=False))
+        report["variants"][name] = {
+            **compare_runs(runs), "heldout_r2": [e["metrics"][cfg.tokens]["r2"] for e in evaluations],
+            "first_run": evaluations[0]}  # every metric of run 0, for the report
     write_json(out / "stability.json", report)
     return report
 
