@@ -1,16 +1,48 @@
-"""The `archsae` command line: one sub-command per stage."""
+"""The `archsae` command line: one sub-command per stage, a thin layer over the stages and
+`archsae.pipelines`. Settings options are generated from the settings dataclasses
+(`archsae.options`); a `UserError` from anywhere becomes one line on stderr and exit code 2.
+"""
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import click
 
+from archsae.cache import DTYPES
+from archsae.errors import InvalidSetting, UserError
+from archsae.files import write_json
+from archsae.fit.settings import SAE_PRESETS, CentroidSettings, FitSettings, SAESettings
+from archsae.options import SettingsOptions, flag_of
 from archsae.paths import default_store_dir
 
+# The options of the settings, grouped by the commands that take them.
+SAE_SIZE = SettingsOptions(SAESettings, ("concepts", "top_k", "projection", "multiplier", "centroids"))
+SAE_KIND = SettingsOptions(SAESettings, ("encoder", "dictionary", "delta", "project", "decoder_init"))
+TRAINING = SettingsOptions(FitSettings)
+N_CENTROIDS = SettingsOptions(CentroidSettings, ("n_centroids",))
+KMEANS = SettingsOptions(CentroidSettings)
+CENTROID_DATA = SettingsOptions(FitSettings, ("tokens", "heldout", "split_seed"))
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class OneLineErrors(click.Group):
+    """Prints a `UserError` as one line (a bad setting named by its option) and exits with 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except InvalidSetting as exc:
+            raise _Failure(exc.named(flag_of(exc.setting))) from None
+        except UserError as exc:
+            raise _Failure(str(exc)) from None
+
+
+class _Failure(click.ClickException):
+    exit_code = 2
+
+
+@click.group(cls=OneLineErrors,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="archsae")
 def main():
     """Concept extraction with Archetypal and Relaxed-Archetypal sparse autoencoders."""
@@ -28,11 +60,11 @@ def _dataset_name(data: str) -> str:
 @click.option("--weights", default="pretrained", show_default=True,
               help="pretrained, auto (pretrained if cached, else random), random, or a .safetensors file.")
 @click.option("--limit", type=int, help="Only the first N images.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per backbone batch.")
 @click.option("--layer", type=int, help="Block index (timm's forward_intermediates) instead of forward_features.")
 @click.option("--rank", type=int, help="This process's rank when splitting by hand (default: torchrun's).")
 @click.option("--world", type=int, help="Number of processes splitting the work.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default=DTYPES[0], show_default=True)
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="What an unreadable image does: skipped and recorded, or stops the run.")
 @click.option("--chunk-images", type=int, help="Images per chunk (one unit of work) [about 8 MiB of tokens].")
@@ -89,7 +121,7 @@ def _print_info(s: dict) -> None:
 @click.argument("src", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder to create.")
 @click.option("--key", help="Tensor name in a .safetensors file, or array in a zarr group.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default=DTYPES[0], show_default=True)
 @click.option("--chunk-images", type=int, help="Rows (items) per chunk [about 8 MiB].")
 def import_(src, out, key, dtype, chunk_images):
     """Bring activations made elsewhere (.npy, .safetensors, zarr) into the store format."""
@@ -100,86 +132,44 @@ def import_(src, out, key, dtype, chunk_images):
 
 @main.command()
 @click.argument("store", type=click.Path())
-@click.option("--k", "k", type=int, default=32000, show_default=True, help="Number of centroids (the paper: 32,000).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--sample", type=int, help="Tokens given to K-means [256 per centroid, at most all].")
-@click.option("--tokens", default="all", show_default=True, help="all, patch, cls or register.")
-@click.option("--niter", type=int, default=20, show_default=True, help="K-means iterations.")
+@KMEANS
+@CENTROID_DATA
 @click.option("--force", is_flag=True, help="Recompute even if this centroid set exists.")
-def centroids(store, k, seed, sample, tokens, niter, force):
-    """Faiss K-means on standardised tokens; saved into the store for every later fit."""
-    from archsae.fit.centroids import compute_centroids
+def centroids(store, force, **options):
+    """Faiss K-means on standardised training tokens; saved into the store for every later fit."""
+    from archsae.fit import centroid_set
 
-    name = compute_centroids(store, k, seed=seed, sample=sample, tokens=tokens, niter=niter, force=force)
+    cfg = FitSettings(**CENTROID_DATA.values(options))
+    name = centroid_set(store, CentroidSettings(**KMEANS.values(options)), cfg.tokens, cfg.split,
+                        force=force)
     click.echo(f"centroids {name} in {store}")
 
 
-_TRAINING_OPTIONS = [
-    click.option("--concepts", type=int, help="Dictionary size [5 x d]."),
-    click.option("--top-k", type=int,
-                 help="Active codes per token (target L0 for penalised encoders) [concepts / 10]."),
-    click.option("--n-centroids", type=int,
-                 help="Centroids to compute when missing [min(32000, train tokens / 4)]."),
-    click.option("--centroids", "centroid_set", help="Name of an existing centroid set in the store."),
-    click.option("--epochs", type=int, default=10, show_default=True),
-    click.option("--batch-size", type=int, default=1024, show_default=True),
-    click.option("--device", help="cpu, cuda ... [cuda when available]."),
-]
-
-
-def _training_options(command):
-    """The options shared by every command that trains SAEs."""
-    for option in reversed(_TRAINING_OPTIONS):
-        command = option(command)
-    return command
-
-
 @main.command("fit")
-@_training_options
 @click.argument("store", type=click.Path())
-@click.option("--sae", default="ra", show_default=True, help="ra, a, topk, batchtopk, jumprelu or relu.")
+@click.option("--sae", type=click.Choice(list(SAE_PRESETS)),
+              help="A named SAE: sets the encoder, dictionary and delta [without it, those options "
+                   "alone define the SAE; their defaults make an RA-SAE].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Fit directory.")
-@click.option("--delta", type=float, help="Relaxation radius of the archetypal dictionary [ra: 1.0, a: 0].")
-@click.option("--encoder", type=click.Choice(["topk", "batchtopk", "jumprelu", "relu"]), help="Override the SAE's encoder.")
-@click.option("--dictionary", type=click.Choice(["free", "archetypal"]), help="Override the SAE's dictionary.")
-@click.option("--projection", type=click.Choice(["exact", "paper"]), default="exact", show_default=True,
-              help="Simplex map after each step: exact Euclidean projection, or the paper's relu + renormalise.")
-@click.option("--no-projection", is_flag=True, help="Control: never project W (atoms may leave the hull).")
-@click.option("--multiplier/--no-multiplier", default=False, show_default=True, help="Learnable scale exp(m) of D (reference library).")
-@click.option("--decoder-init", type=click.Choice(["random", "centroids"]), default="random", show_default=True,
-              help="Free dictionaries: control that starts atom i at centroid i.")
-@click.option("--lr", type=float, default=5e-4, show_default=True)
-@click.option("--dictionary-lr", type=float, help="Learning rate of W and Lambda [5e-3].")
-@click.option("--dictionary-eps", type=float, default=1e-3, show_default=True, help="Adam's eps for W and Lambda (larger: sparser, steadier W; 1e-8: plain Adam).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--tokens", default="all", show_default=True, help="all, patch, cls or register.")
-@click.option("--heldout", type=float, default=0.1, show_default=True, help="Fraction of images held out.")
-@click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue the fit in --out from its last checkpoint.")
-def fit_(store, sae, out, concepts, top_k, delta, encoder, dictionary, projection, no_projection,
-         multiplier, decoder_init, n_centroids, centroid_set, epochs, batch_size, lr, dictionary_lr,
-         dictionary_eps, seed, tokens, heldout, checkpoint_every, device, resume):
+@SAE_KIND
+@SAE_SIZE
+@N_CENTROIDS
+@TRAINING
+def fit_(store, sae, out, resume, **options):
     """Train an SAE on a store (A-SAE, RA-SAE, or a baseline)."""
     from archsae.cache import open_store
-    from archsae.fit.sae import sae_settings
-    from archsae.fit.train import FitSettings, fit
+    from archsae.evaluate.run import evaluate_fit
+    from archsae.fit import fit, sae_settings
 
     d = open_store(store).d
-    settings = sae_settings(sae, d, concepts, top_k, delta=delta, encoder=encoder,
-                            dictionary=dictionary, projection=projection,
-                            project=not no_projection, multiplier=multiplier,
-                            decoder_init=decoder_init, centroids=centroid_set)
-    cfg = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, dictionary_lr=dictionary_lr,
-                      dictionary_eps=dictionary_eps,
-                      seed=seed, tokens=tokens, heldout=heldout, checkpoint_every=checkpoint_every,
-                      device=device)
-    from archsae.evaluate.run import evaluate_fit
-
-    fit(store, out, settings, cfg, resume=resume, n_centroids=n_centroids)
-    result = evaluate_fit(out, progress=False)
-    m = result["metrics"][tokens]
-    click.echo(f"{out}: held-out R^2 {m['r2']:.4f}, L0 {m['l0']:.1f}, dead {m['dead']:.3f} "
-               f"({m['tokens']} tokens); `archsae evaluate {out}` for every metric")
+    values = {**SAE_KIND.values(options), **SAE_SIZE.values(options)}
+    settings = sae_settings(sae, d, **values)
+    cfg = FitSettings(**TRAINING.values(options))
+    fit(store, out, settings, cfg, resume=resume, centroids=CentroidSettings(**N_CENTROIDS.values(options)))
+    m = evaluate_fit(out, progress=False)["metrics"][cfg.tokens]
+    click.echo(f"{out} ({settings.name}): held-out R^2 {m['r2']:.4f}, L0 {m['l0']:.1f}, dead "
+               f"{m['dead']:.3f} ({m['tokens']} tokens); `archsae evaluate {out}` for every metric")
 
 
 @main.command("export")
@@ -208,8 +198,6 @@ def evaluate_(fitdirs, store, json_out):
         for kind, m in r["metrics"].items():
             click.echo(f"{r['fit'][-40:]:40s} {kind:8s} " + " ".join(f"{m[c]:10.4f}" for c in columns))
     if json_out:
-        from archsae.fit.checkpoint import write_json
-
         write_json(Path(json_out), results)
 
 
@@ -217,25 +205,16 @@ def evaluate_(fitdirs, store, json_out):
 @click.argument("fitdirs", nargs=-1, required=True, type=click.Path())
 def stability_(fitdirs):
     """Pairwise signed-Hungarian stability of fits' dictionaries."""
-    import itertools
-    import statistics
-
-    from archsae.evaluate.stability import match_atoms, max_cosine
+    from archsae.evaluate.stability import compare_runs
     from archsae.fit import load
 
     if len(fitdirs) < 2:
         raise click.UsageError("give at least two fit directories")
-    atoms = {f: load(f).dictionary.weight().detach() for f in fitdirs}
-    scores, methods = [], set()
-    for a, b in itertools.combinations(fitdirs, 2):
-        small, large = sorted((atoms[a], atoms[b]), key=len)
-        _, cos, method = match_atoms(small, large)
-        scores.append(float(abs(cos).mean()))
-        methods.add(method)
-        click.echo(f"{a} ~ {b}: {scores[-1]:.4f} (max cosine {max_cosine(small, large):.4f})")
-    sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
-    click.echo(f"stability {statistics.mean(scores):.4f} +- {sd:.4f} over {len(scores)} pairs; "
-               f"matching: {', '.join(sorted(methods))}")
+    r = compare_runs([load(f).dictionary.weight().detach() for f in fitdirs])
+    for (i, j), score, cos in zip(r["pair_runs"], r["pairs"], r["max_cosine_pairs"]):
+        click.echo(f"{fitdirs[i]} ~ {fitdirs[j]}: {score:.4f} (max cosine {cos:.4f})")
+    click.echo(f"stability {r['mean']:.4f} +- {r['sd'] or 0.0:.4f} over {len(r['pairs'])} pairs; "
+               f"matching: {', '.join(r['matching'])}")
 
 
 @main.command("baselines")
@@ -245,9 +224,9 @@ def stability_(fitdirs):
               help="Comma-separated: pca, ica, sparse_pca, kmeans, semi_nmf, convex_nmf, or all.")
 @click.option("--seeds", type=int, default=2, show_default=True, help="Fits per method (stability across them).")
 @click.option("--sample", type=int, default=8192, show_default=True, help="Training tokens per fit.")
-@click.option("--tokens", default="all", show_default=True)
+@CENTROID_DATA
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every number here.")
-def baselines_(store, concepts, methods, seeds, sample, tokens, json_out):
+def baselines_(store, concepts, methods, seeds, sample, json_out, **options):
     """PCA, FastICA, sparse PCA, K-means, Semi-NMF, Convex-NMF with the SAEs' metrics."""
     from archsae.evaluate.baselines import BASELINES, evaluate_baselines
 
@@ -255,7 +234,9 @@ def baselines_(store, concepts, methods, seeds, sample, tokens, json_out):
     unknown = sorted(set(names) - set(BASELINES))
     if unknown:
         raise click.UsageError(f"unknown method {unknown[0]!r}: use {', '.join(BASELINES)} or all")
-    result = evaluate_baselines(store, concepts, names, seeds, sample, tokens)
+    cfg = FitSettings(**CENTROID_DATA.values(options))
+    tokens = cfg.tokens
+    result = evaluate_baselines(store, concepts, names, seeds, sample, tokens, cfg.split)
     click.echo(f"{'method':12s} {'atoms':>6s} {'R^2':>8s} {'L0':>8s} {'dead':>6s} {'stability':>9s}")
     for name, r in result["baselines"].items():
         m = r["metrics"][tokens]
@@ -263,38 +244,29 @@ def baselines_(store, concepts, methods, seeds, sample, tokens, json_out):
         click.echo(f"{name:12s} {r['concepts']:6d} {m['r2']:8.4f} {m['l0']:8.1f} {m['dead']:6.3f} "
                    f"{stab if stab is not None else float('nan'):9.4f}")
     if json_out:
-        from archsae.fit.checkpoint import write_json
-
         write_json(Path(json_out), result)
 
 
 @main.command("stability-study")
-@_training_options
 @click.argument("store", type=click.Path())
-@click.option("--sae", default="ra", show_default=True, help="The SAE(s) to study, comma-separated (e.g. ra,a).")
+@click.option("--sae", default="ra", show_default=True,
+              help=f"The SAE(s) to study, comma-separated among {', '.join(SAE_PRESETS)}.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for all the runs.")
 @click.option("--seeds", type=int, default=4, show_default=True, help="Runs per variant.")
 @click.option("--subsets", is_flag=True, help="Vary the training data (90% subsets) instead of the seed.")
-def stability_study_(store, sae, out, seeds, subsets, concepts, top_k, n_centroids, centroid_set,
-                     epochs, batch_size, device):
+@SAE_SIZE
+@N_CENTROIDS
+@TRAINING
+def stability_study_(store, sae, out, seeds, subsets, **options):
     """Train seeds (or data subsets) of SAEs and of their controls; report their stability."""
-    from archsae.cache import open_store
-    from archsae.evaluate.study import format_study, stability_study
-    from archsae.fit.sae import sae_settings
-    from archsae.fit.train import FitSettings, ensure_centroids
+    from archsae.evaluate.study import format_study
+    from archsae.pipelines import run_stability_study
 
-    if seeds < 2:
-        raise click.UsageError("--seeds must be at least 2: stability compares pairs of runs")
-    d = open_store(store).d
-    saes = [sae_settings(name.strip(), d, concepts, top_k, centroids=centroid_set)
-            for name in sae.split(",") if name.strip()]
-    cfg = FitSettings(epochs=epochs, batch_size=batch_size, device=device)
-    # every variant shares one centroid set, the TopK control initialised at it included
-    probe = replace(saes[0], decoder_init="centroids")
-    ensure_centroids(store, probe, cfg, n_centroids)
-    for settings in saes:
-        settings.centroids = probe.centroids
-    click.echo(format_study(stability_study(store, out, saes, cfg, seeds, subsets)))
+    names = [name.strip() for name in sae.split(",") if name.strip()]
+    report = run_stability_study(store, out, names, FitSettings(**TRAINING.values(options)),
+                                 CentroidSettings(**N_CENTROIDS.values(options)), seeds, subsets,
+                                 **SAE_SIZE.values(options))
+    click.echo(format_study(report))
 
 
 @main.group()
@@ -303,8 +275,6 @@ def bench():
 
 
 def _write_report(json_out, report) -> None:
-    from archsae.fit.checkpoint import write_json
-
     write_json(Path(json_out), report)
     click.echo(f"wrote {json_out}")
 
@@ -323,17 +293,17 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fits and plausibility.json.")
 @click.option("--sizes", default="512,2048,8192", show_default=True, help="Dictionary sizes (comma-separated).")
 @click.option("--deltas", default="0,0.5,1,2", show_default=True, help="Relaxations of the archetypal SAE (0: A-SAE).")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--n-centroids", type=int, help="Archetype points [min(32000, train tokens / 4)].")
-@click.option("--device", help="cpu, cuda ... [cuda when available].")
-def plausibility_(model, weights, store, out, sizes, deltas, epochs, n_centroids, device):
+@N_CENTROIDS
+@TRAINING
+def plausibility_(model, weights, store, out, sizes, deltas, **options):
     """Best cosine between classifier-head rows and atoms, swept over size and delta."""
-    from archsae.benchmarks import run_plausibility
     from archsae.evaluate.plausibility import format_plausibility
+    from archsae.pipelines import run_plausibility
 
     sizes = tuple(int(s) for s in _floats(sizes))
-    report = run_plausibility(model, weights, out, store, sizes, _floats(deltas), epochs,
-                              n_centroids, device)
+    report = run_plausibility(model, weights, out, store, sizes, _floats(deltas),
+                              FitSettings(**TRAINING.values(options)),
+                              CentroidSettings(**N_CENTROIDS.values(options)))
     click.echo(format_plausibility(report))
     _write_report(Path(out) / "plausibility.json", report)
 
@@ -349,7 +319,7 @@ def plausibility_(model, weights, store, out, sizes, deltas, epochs, n_centroids
 @click.option("--device", help="cpu, cuda ... [cuda when available].")
 def identifiability_(model, weights, collages, objects, out, epochs, batch_size, device):
     """Collages of known objects: does one concept tell whether an object is present?"""
-    from archsae.benchmarks import run_identifiability
+    from archsae.pipelines import run_identifiability
     from archsae.evaluate.identifiability import format_identifiability
 
     report = run_identifiability(model, weights, out, collages, objects, epochs=epochs,
@@ -382,16 +352,17 @@ def report_(out, studies, baselines, identifiability, plausibility, browser):
 @click.option("--top", type=int, default=16, show_default=True, help="Images per concept.")
 @click.option("--against", type=click.Path(exists=True, file_okay=False), help="Another fit (e.g. another seed): each concept's match score.")
 @click.option("--data", help="Where the store's images are now, if they moved since extraction.")
-@click.option("--split", type=click.Choice(["all", "heldout", "train"]), default="all", show_default=True)
-def browse_(fitdir, out, top, against, data, split):
+@click.option("--part", type=click.Choice(["all", "heldout", "train"]), default="all", show_default=True,
+              help="Which images of the fit's split to look at.")
+def browse_(fitdir, out, top, against, data, part):
     """A static site of the concepts: top images with heatmaps, image pages, sortable index."""
     from archsae.evaluate.browser import build_site
-    from archsae.evaluate.run import fit_store
     from archsae.extract.display import StoreImages
+    from archsae.fit import open_fit_store
 
     if top < 1:
         raise click.UsageError("--top must be at least 1")
-    images = StoreImages(fit_store(fitdir)[0], data)
-    s = build_site(fitdir, out, images.thumbnail, top, against, split)
+    images = StoreImages(open_fit_store(fitdir)[0], data)
+    s = build_site(fitdir, out, images.thumbnail, top, against, part)
     click.echo(f"wrote {Path(out) / 'index.html'}: {s['live']} live and {s['dead']} dead concepts, "
                f"{s['images']} images, {s['bytes'] / 1e6:.1f} MB")

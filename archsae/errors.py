@@ -1,12 +1,25 @@
-"""The one error type users see: a one-line message that names the problem and the fix."""
+"""The one error type users see: a message that names the problem and the fix.
 
-import click
+It is a plain exception, so the stages (and Python callers) do not depend on click; the CLI
+prints it on one line and exits with code 2. A bad setting raises `InvalidSetting`, whose
+message names the setting the way the caller spelt it: `top_k` from Python, `--top-k` from the
+command line.
+"""
 
 
-class UserError(click.ClickException):
-    """Bad input or a state the user must resolve. The CLI prints it on one line, exit code 2."""
+class UserError(Exception):
+    """Bad input or a state the user must resolve."""
 
-    exit_code = 2
+    def __str__(self) -> str:
+        return " ".join(super().__str__().split())
 
-    def format_message(self) -> str:
-        return " ".join(str(self.message).split())
+
+class InvalidSetting(UserError):
+    """A setting out of its range or choices; `template` holds `{name}` where it is named."""
+
+    def __init__(self, setting: str, template: str):
+        super().__init__(template.format(name=setting))
+        self.setting, self.template = setting, template
+
+    def named(self, name: str) -> str:
+        return " ".join(self.template.format(name=name).split())

@@ -79,8 +79,6 @@ def source_hash(src: str, arr) -> str:
 def import_activations(src: str, out, key: str | None = None, dtype: str = "float16",
                        chunk_images: int | None = None, progress: bool = True):
     """Copy `src` into a store at `out` (resumable, like an extraction); returns the store."""
-    if dtype not in ("float16", "float32"):
-        raise UserError(f"--dtype {dtype!r} is not supported: use float16 or float32")
     arr = open_array(src, key)
     n, t, d = (arr.shape[0], 1, arr.shape[1]) if len(arr.shape) == 2 else tuple(arr.shape)
     itemsize = np.dtype(dtype).itemsize

@@ -19,41 +19,37 @@ from tqdm import tqdm
 from zarr.core.buffer.cpu import NDBuffer
 
 from archsae.errors import UserError
+from archsae.cache.split import Split
 from archsae.cache.store import ActivationStore, open_store
 
-SPLITS = ("train", "heldout", "all")
-
-
-def heldout_images(n_images: int, fraction: float, seed: int = 0) -> np.ndarray:
-    """The held-out split, by image: the same images for every fit made on the same store."""
-    return np.random.default_rng(seed).random(n_images) < fraction
+PARTS = ("train", "heldout", "all")
 
 
 class TokenStore:
-    """Token rows (n, d) of one store, restricted to a token kind and a split, standardised.
+    """Token rows (n, d) of one store, restricted to a token kind and a part ("train",
+    "heldout" or "all") of a `Split`, standardised.
 
     `subset` < 1 keeps that fraction of the training images, drawn with `subset_seed`."""
 
-    def __init__(self, store, tokens: str = "all", split: str = "train",
-                 heldout_fraction: float = 0.1, split_seed: int = 0, standardize: bool = True,
-                 shuffle_tokens: int = 1 << 18, threads: int = 4, prefetch: int = 8,
-                 subset: float = 1.0, subset_seed: int = 0):
+    def __init__(self, store, tokens: str = "all", part: str = "train", split: Split = Split(),
+                 standardize: bool = True, shuffle_tokens: int = 1 << 18, threads: int = 4,
+                 prefetch: int = 8, subset: float = 1.0, subset_seed: int = 0):
         self.store: ActivationStore = store if isinstance(store, ActivationStore) else open_store(store)
-        if split not in SPLITS:
-            raise UserError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        if part not in PARTS:
+            raise UserError(f"unknown part {part!r} of the split: use one of {', '.join(PARTS)}")
         if not self.store.complete:
             raise UserError(f"{self.store.path} is incomplete: rerun the same `archsae extract` "
                             "command to finish it")
-        self.tokens, self.split = tokens, split
+        self.tokens, self.part, self.split = tokens, part, split
         self.positions = self.store.positions(tokens)
         self.d = self.store.d
         images = self.store.valid_images()
-        held = heldout_images(self.store.n_images, heldout_fraction, split_seed)
-        if split == "train":
+        held = split.heldout_mask(self.store.n_images)
+        if part == "train":
             images &= ~held
             if subset < 1.0:  # a random part of the training images (data-perturbation studies)
-                images &= np.random.default_rng([split_seed, subset_seed]).random(len(images)) < subset
-        elif split == "heldout":
+                images &= np.random.default_rng([split.seed, subset_seed]).random(len(images)) < subset
+        elif part == "heldout":
             images &= held
         self.image_mask = images
         self.unit_images = [np.flatnonzero(images[slice(*self.store.unit_bounds(u))])
@@ -61,8 +57,8 @@ class TokenStore:
         self.unit_tokens = np.array([len(i) * len(self.positions) for i in self.unit_images])
         self.n_tokens = int(self.unit_tokens.sum())
         if self.n_tokens == 0:
-            raise UserError(f"{self.store.path} has no {tokens} tokens in its {split} split: "
-                            "extract more images or change --tokens")
+            raise UserError(f"{self.store.path} has no {tokens} tokens in the {part} part of its "
+                            "split: extract more images or choose other tokens")
         _, mean, std = self.store.feature_stats(tokens)
         self.standardize = standardize
         self.mean = torch.from_numpy(mean).float()

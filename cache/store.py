@@ -7,9 +7,10 @@ them are flushed. Nothing is summarised at the end of a run, so any set of proce
 the units in any order and the store is complete when every unit is done.
 """
 
+import hashlib
+import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,20 +19,29 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from archsae.errors import UserError
+from archsae.files import temporary_sibling
 from archsae.cache.stats import merge_moments, moments, standard_deviation
 
 FORMAT_NAME = "archsae.activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TOKEN_KINDS = ("cls", "register", "patch", "token")
+DTYPES = ("float16", "float32")
 
 # Chosen by benchmarks/codecs.py on float16 activations: bit-shuffled LZ4 saves about 9% and
 # encodes/decodes at GB/s, faster than a GPU extraction writes or a GPU fit reads. zstd saves
 # more only at levels that encode at ~200 MB/s. Figures in docs/cache-format.md.
 TOKEN_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
-# Attributes that must agree for an existing store to be resumed rather than refused.
+# What a store is: the attributes hashed into its `id`. A rerun resumes a store only when they
+# agree, and a fit belongs to the store whose id it recorded.
 IDENTITY_KEYS = ("model", "timm_name", "weights", "layer", "dtype", "preprocessing",
                  "source_hash", "chunk_images", "shape")
+
+
+def store_id(attrs: dict) -> str:
+    """The content hash of a store's identity attributes (16 hex digits)."""
+    key = json.dumps([attrs.get(k) for k in IDENTITY_KEYS], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -45,6 +55,10 @@ class StoreSpec:
     dtype: str = "float16"
     d_pooled: int | None = None
     provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise UserError(f"dtype {self.dtype!r} is not supported: use one of {', '.join(DTYPES)}")
 
     @property
     def n_tokens(self) -> int:
@@ -66,7 +80,7 @@ def unit_bounds(unit: int, chunk_images: int, n_images: int) -> tuple[int, int]:
 def _attrs_for(spec: StoreSpec) -> dict:
     from archsae import __version__
 
-    return {
+    attrs = {
         **spec.provenance,
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -76,6 +90,7 @@ def _attrs_for(spec: StoreSpec) -> dict:
         "shape": [spec.n_images, spec.n_tokens, spec.d],
         "token_kinds": list(TOKEN_KINDS),
     }
+    return {**attrs, "id": store_id(attrs)}
 
 
 def _create_group(path: Path, spec: StoreSpec) -> None:
@@ -114,7 +129,7 @@ def create_or_open(path, spec: StoreSpec) -> "ActivationStore":
     path = Path(path)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = temporary_sibling(path)
         try:
             _create_group(tmp, spec)
             os.rename(tmp, path)
@@ -151,6 +166,7 @@ class ActivationStore:
         self.path = Path(path)
         self.group = group
         self.attrs = dict(group.attrs["archsae"])
+        self.id = self.attrs["id"]
         self.n_images, self.n_tokens, self.d = self.attrs["shape"]
         self.chunk_images = self.attrs["chunk_images"]
         self.n_units = -(-self.n_images // self.chunk_images)
@@ -193,6 +209,9 @@ class ActivationStore:
         return bool(self.done_units().all())
 
     def check_identity(self, wanted: dict) -> None:
+        """Refuse to resume into a store that is not the one `wanted` describes."""
+        if self.id == wanted["id"]:
+            return
         for key in IDENTITY_KEYS:
             if self.attrs.get(key) != wanted.get(key):
                 what = {"model": "model", "timm_name": "backbone", "weights": "weights",
@@ -265,13 +284,17 @@ class ActivationStore:
 
     def save_centroids(self, name: str, points: np.ndarray, settings: dict) -> None:
         """Write `centroids/<name>` atomically: built under a temporary name, then renamed."""
-        tmp = f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = temporary_sibling(self.path / "centroids" / name)
         parent = self.group.require_group("centroids")
-        g = parent.create_group(tmp)
-        arr = g.create_array("points", shape=points.shape, chunks=points.shape, dtype="float32")
-        arr[:] = points.astype(np.float32)
-        g.attrs["archsae"] = settings
-        os.replace(self.path / "centroids" / tmp, self.path / "centroids" / name)
+        try:
+            g = parent.create_group(tmp.name)
+            arr = g.create_array("points", shape=points.shape, chunks=points.shape, dtype="float32")
+            arr[:] = points.astype(np.float32)
+            g.attrs["archsae"] = settings
+            shutil.rmtree(self.path / "centroids" / name, ignore_errors=True)  # recomputed
+            os.replace(tmp, self.path / "centroids" / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def load_centroids(self, name: str) -> tuple[np.ndarray, dict]:
         if name not in self.centroid_names():

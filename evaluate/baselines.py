@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from archsae.cache import TokenStore, open_store
+from archsae.cache import Split, TokenStore, open_store
 from archsae.evaluate.run import evaluate_model
 from archsae.evaluate.stability import compare_runs
-from archsae.fit.centroids import faiss_kmeans
+from archsae.fit import faiss_kmeans
 
 BASELINES = ("pca", "ica", "sparse_pca", "kmeans", "semi_nmf", "convex_nmf")
 CONVEX_NMF_POINTS = 2048  # its kernel is points x points
@@ -142,12 +142,15 @@ def fit_baseline(name: str, x: torch.Tensor, k: int, seed: int = 0) -> Baseline:
 
 
 def evaluate_baselines(store, concepts: int, names=BASELINES, seeds: int = 2, sample: int = 8192,
-                       tokens: str = "all", heldout: float = 0.1, progress: bool = True) -> dict:
+                       tokens: str = "all", split: Split = Split(), progress: bool = True) -> dict:
     """Fit each baseline `seeds` times on a sample of training tokens (the sample drawn anew for
     each seed); held-out metrics of the first, stability (signed Hungarian) across all pairs."""
     opened = open_store(store)
-    loader = TokenStore(opened, tokens=tokens, split="train", heldout_fraction=heldout)
-    mean, std = loader.mean, loader.std
+    loader = TokenStore(opened, tokens=tokens, part="train", split=split)
+
+    def standardise(x):
+        return (x - loader.mean) / loader.std
+
     results = {}
     bar = tqdm(total=len(names) * seeds, unit="fit", desc="fit baselines", disable=not progress)
     for name in names:
@@ -161,7 +164,7 @@ def evaluate_baselines(store, concepts: int, names=BASELINES, seeds: int = 2, sa
             seconds.append(time.perf_counter() - t)
             bar.update(1)
         first = fitted[0]
-        metrics = evaluate_model(opened, first, first.atoms.float(), mean, std, tokens, heldout,
+        metrics = evaluate_model(opened, first, first.atoms.float(), standardise, tokens, split,
                                  progress=progress, name=name)
         results[name] = {
             "concepts": int(first.atoms.shape[0]), "sample": n, "fit_seconds": seconds,
@@ -169,5 +172,6 @@ def evaluate_baselines(store, concepts: int, names=BASELINES, seeds: int = 2, sa
             "metrics": metrics,
             "stability": compare_runs([f.atoms for f in fitted])}
     bar.close()
-    return {"store": str(store), "tokens": tokens, "heldout": heldout, "seeds": seeds,
+    return {"store": str(store), "tokens": tokens, "heldout": split.heldout, "split_seed": split.seed,
+            "seeds": seeds,
             "baselines": results}

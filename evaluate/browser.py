@@ -15,9 +15,7 @@ import base64
 import html
 import io
 import json
-import os
-import shutil
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,10 +26,10 @@ from tqdm import tqdm
 
 from archsae.cache import TOKEN_KINDS
 from archsae.errors import UserError
-from archsae.evaluate.run import fit_store
-from archsae.evaluate.stability import match_atoms, unit_atoms
-from archsae.evaluate.top_activations import top_activations
-from archsae.fit import load
+from archsae.evaluate.stability import match_atoms
+from archsae.evaluate.top_activations import TopActivations, top_activations
+from archsae.files import replaced_atomically
+from archsae.fit import fit_settings, load, open_fit_store, unit_rows
 
 NEIGHBOURS = 5
 CENTROIDS_SHOWN = 3
@@ -96,7 +94,7 @@ def image_name(i: int) -> str:
 
 def nearest_atoms(atoms: torch.Tensor, n: int = NEIGHBOURS, block: int = 1024):
     """(k, n) indices and cosines of each atom's most similar other atoms, in blocks of rows."""
-    u = unit_atoms(atoms).float()
+    u = unit_rows(atoms.detach().double()).float()
     idx, cos = [], []
     for s in range(0, len(u), block):
         sims = u[s:s + block] @ u.T
@@ -126,121 +124,144 @@ def _prefix_values(values: np.ndarray, kinds: np.ndarray) -> str:
     return (" · " + ", ".join(parts)) if parts else ""
 
 
+SITE_MARKER = "site.json"  # written into every site: only a folder holding it is replaced
+
+
+@dataclass
+class _Site:
+    """What every page of one site draws on."""
+
+    fitdir: str
+    tops: TopActivations
+    keys: np.ndarray
+    kinds: np.ndarray
+    grid: list | None
+    neighbours: tuple[np.ndarray, np.ndarray]
+    match: np.ndarray | None = None
+    against: str | None = None
+    centroids: list[str] | None = None
+
+    def figure(self, i: int, c: int, link_to: str) -> str:
+        """Image i with concept c's heatmap, on a page one folder down."""
+        v = self.tops.heatmaps[(i, c)]
+        scale = float(self.tops.values[c, 0]) if self.tops.values[c, 0] > 0 else float(v.max())
+        target = (f"../images/{image_name(i)}.html" if link_to == "image"
+                  else f"../concepts/{concept_name(c)}.html")
+        key = html.escape(str(self.keys[i]))
+        label = f"image {key}" if link_to == "image" else f"concept {c}"
+        return (f"<figure><a href='{target}'><div class='frame'><img src='../img/"
+                f"{image_name(i)}.jpg' alt='{key}'>{_heat(v, self.kinds, self.grid, scale)}</div></a>"
+                f"<figcaption>{label}: max {v.max():.3f}{_prefix_values(v, self.kinds)}</figcaption></figure>")
+
+    def concept_page(self, c: int) -> str:
+        tops = self.tops
+        imgs = [int(i) for i in tops.images[c] if i >= 0]
+        near = " ".join(f"<a href='{concept_name(int(n))}.html'>{int(n)}</a> ({s:.2f})"
+                        for n, s in zip(*(a[c] for a in self.neighbours)))
+        facts = [f"firing frequency {tops.frequency[c]:.5f}", f"mean activation {tops.mean_activation[c]:.4f}"]
+        if self.match is not None:
+            facts.append(f"match against {html.escape(str(self.against))}: {self.match[c]:.3f}")
+        if self.centroids is not None:
+            facts.append(f"nearest centroids {self.centroids[c]}")
+        body = (f"<p><a href='../index.html'>all concepts</a></p><h1>Concept {c}</h1>"
+                f"<p>{' · '.join(facts)}</p><p>most similar atoms (cosine): {near}</p>"
+                f"<h2>Top {len(imgs)} images</h2><div class='grid'>"
+                + "".join(self.figure(i, c, "image") for i in imgs) + "</div>")
+        return _page(f"concept {c}", body, 1)
+
+    def image_page(self, i: int) -> str:
+        strongest = [c for c, _ in self.tops.image_concepts.get(i, []) if (i, c) in self.tops.heatmaps]
+        body = (f"<p><a href='../index.html'>all concepts</a></p><h1>Image {html.escape(str(self.keys[i]))}</h1>"
+                f"<p><img src='../img/{image_name(i)}.jpg' width='224' height='224'></p>"
+                f"<h2>Strongest concepts</h2><div class='grid'>"
+                + "".join(self.figure(i, c, "concept") for c in strongest) + "</div>")
+        return _page(f"image {self.keys[i]}", body, 1)
+
+    def index_row(self, c: int) -> str:
+        tops = self.tops
+        cells = [f"<td class='l' data-v='{c}'><a href='concepts/{concept_name(c)}.html'>{c}</a></td>",
+                 f"<td data-v='{tops.frequency[c]:.8g}'>{tops.frequency[c]:.5f}</td>",
+                 f"<td data-v='{tops.mean_activation[c]:.8g}'>{tops.mean_activation[c]:.4f}</td>"]
+        if self.match is not None:
+            cells.append(f"<td data-v='{self.match[c]:.8g}'>{self.match[c]:.3f}</td>")
+        if self.centroids is not None:
+            cells.append(f"<td class='l'>{self.centroids[c]}</td>")
+        cells.append(f"<td class='l'><img class='thumb' src='img/{image_name(int(tops.images[c, 0]))}.jpg' alt=''></td>")
+        return "<tr>" + "".join(cells) + "</tr>"
+
+    def index_page(self, title: str, live: list[int], dead: list[int]) -> str:
+        headers = ["concept", "frequency", "mean activation"] + (["match"] if self.match is not None else [])
+        header_html = "".join(f"<th data-sortable class='{'l' if h == 'concept' else ''}'>{h}</th>"
+                              for h in headers)
+        header_html += "<th class='l'>nearest centroids</th>" if self.centroids is not None else ""
+        header_html += "<th class='l'>top image</th>"
+        body = (f"<h1>Concepts of {html.escape(str(self.fitdir))}</h1><p>{title} · {len(live)} live, "
+                f"{len(dead)} dead</p><p>Filter <input id='filter' placeholder='concept id or centroid'> "
+                "minimum frequency <input id='minfreq' type='number' step='0.001' value='0'> · "
+                "click a column to sort</p>"
+                f"<table id='concepts'><thead><tr>{header_html}</tr></thead><tbody>"
+                f"{''.join(self.index_row(c) for c in live)}</tbody></table>"
+                f"<h2 id='dead'>Dead concepts ({len(dead)})</h2><p>Never fire on these images: "
+                f"{', '.join(str(c) for c in dead) or 'none'}</p>")
+        return _page("archsae concepts", body)
+
+
+def _heaviest_centroids(w: torch.Tensor) -> list[str]:
+    """The heaviest entries of each row of an archetypal W, as text."""
+    cw, ci = w.detach().topk(min(CENTROIDS_SHOWN, w.shape[1]), dim=1)
+    return [", ".join(f"{int(p)} ({wt:.2f})" for p, wt in zip(ps, ws) if wt >= 0.005)
+            for ps, ws in zip(ci.tolist(), cw.tolist())]
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SITE_MARKER).is_file())):
+        raise UserError(f"{out} exists and is not a site made by `archsae browse`: choose another "
+                        "output folder (only an empty folder or an earlier site is replaced)")
+
+
 def build_site(fitdir, out, thumbnail: Callable[[int], bytes], top: int = 16, against=None,
-               split: str = "all", progress: bool = True) -> dict:
+               part: str = "all", progress: bool = True) -> dict:
     """Write the site into `out` (whole or not at all); returns a summary. `thumbnail(i)` gives
     store image i as the backbone saw it, as JPEG bytes (224 x 224)."""
     out = Path(out)
-    store, config = fit_store(fitdir)
+    _check_replaceable(out)
+    store, config = open_fit_store(fitdir)
+    sae, _ = fit_settings(config)
     model = load(fitdir)
     atoms = model.dictionary.weight().detach()
     k = len(atoms)
-    tops = top_activations(fitdir, top=top, split=split, progress=progress)
-    match = None
+    tops = top_activations(fitdir, top=top, part=part, progress=progress)
+    site = _Site(str(fitdir), tops, np.asarray(store.group["keys"][:]), store.token_kind,
+                 store.attrs.get("patch_grid"), nearest_atoms(atoms), against=against)
     if against is not None:
         other = load(against).dictionary.weight().detach()
         if len(other) < k:
-            raise UserError(f"--against {against} has {len(other)} atoms, fewer than this fit's {k}: "
-                            "compare against a fit at least as large")
-        _, cos, _ = match_atoms(atoms, other)
-        match = np.abs(cos)
-    neighbours, neighbour_cos = nearest_atoms(atoms)
-    centroids = None
-    if config["sae"]["dictionary"] == "archetypal":  # the heaviest entries of each row of W
-        w = model.dictionary.W.detach()
-        cw, ci = w.topk(min(CENTROIDS_SHOWN, w.shape[1]), dim=1)
-        centroids = [", ".join(f"{int(p)} ({wt:.2f})" for p, wt in zip(ps, ws) if wt >= 0.005)
-                     for ps, ws in zip(ci.tolist(), cw.tolist())]
-    kinds = store.token_kind
-    grid = store.attrs.get("patch_grid")
-    keys = np.asarray(store.group["keys"][:])
-
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    (tmp / "concepts").mkdir(parents=True)
-    (tmp / "images").mkdir()
-    (tmp / "img").mkdir()
-    try:
+            raise UserError(f"the fit {against} to match against has {len(other)} atoms, fewer than "
+                            f"this fit's {k}: compare against a fit at least as large")
+        site.match = np.abs(match_atoms(atoms, other)[1])
+    if sae.dictionary == "archetypal":
+        site.centroids = _heaviest_centroids(model.dictionary.W)
+    live = [c for c in range(k) if tops.frequency[c] > 0]
+    dead = [c for c in range(k) if tops.frequency[c] == 0]
+    shown = tops.site_images()
+    title = (f"{sae.name} · {k} concepts · store {html.escape(str(store.path))} "
+             f"({html.escape(str(store.attrs.get('model')))}, weights "
+             f"{html.escape(str(store.attrs.get('weights')))}) · {tops.tokens_seen} tokens of the {part} images")
+    summary = {"site": "archsae browse", "fit": str(fitdir), "concepts": k, "live": len(live),
+               "dead": len(dead), "images": len(shown), "top": top, "part": part,
+               "against": str(against) if against else None}
+    with replaced_atomically(out, folder=True) as tmp:
+        for sub in ("concepts", "images", "img"):
+            (tmp / sub).mkdir()
         (tmp / "site.css").write_text(CSS)
         (tmp / "site.js").write_text(JS)
-        shown = tops.site_images()
         for i in tqdm(shown, unit="img", desc="thumbnails", disable=not progress):
             (tmp / "img" / f"{image_name(i)}.jpg").write_bytes(thumbnail(i))
-        live = [c for c in range(k) if tops.frequency[c] > 0]
-        dead = [c for c in range(k) if tops.frequency[c] == 0]
-
-        def figure(i, c, link_to):  # on a page one folder down
-            v = tops.heatmaps[(i, c)]
-            scale = float(tops.values[c, 0]) if tops.values[c, 0] > 0 else float(v.max())
-            target = (f"../images/{image_name(i)}.html" if link_to == "image"
-                      else f"../concepts/{concept_name(c)}.html")
-            label = (f"image {html.escape(str(keys[i]))}" if link_to == "image" else f"concept {c}")
-            return (f"<figure><a href='{target}'><div class='frame'><img src='../img/"
-                    f"{image_name(i)}.jpg' alt='{html.escape(str(keys[i]))}'>"
-                    f"{_heat(v, kinds, grid, scale)}</div></a>"
-                    f"<figcaption>{label}: max {v.max():.3f}{_prefix_values(v, kinds)}</figcaption></figure>")
-
         for c in tqdm(live, unit="concept", desc="concept pages", disable=not progress):
-            imgs = [int(i) for i in tops.images[c] if i >= 0]
-            near = " ".join(f"<a href='{concept_name(int(n))}.html'>{int(n)}</a> ({s:.2f})"
-                            for n, s in zip(neighbours[c], neighbour_cos[c]))
-            facts = [f"firing frequency {tops.frequency[c]:.5f}", f"mean activation {tops.mean_activation[c]:.4f}"]
-            if match is not None:
-                facts.append(f"match against {html.escape(str(against))}: {match[c]:.3f}")
-            if centroids is not None:
-                facts.append(f"nearest centroids {centroids[c]}")
-            body = (f"<p><a href='../index.html'>all concepts</a></p><h1>Concept {c}</h1>"
-                    f"<p>{' · '.join(facts)}</p><p>most similar atoms (cosine): {near}</p>"
-                    f"<h2>Top {len(imgs)} images</h2><div class='grid'>"
-                    + "".join(figure(i, c, "image") for i in imgs) + "</div>")
-            (tmp / "concepts" / f"{concept_name(c)}.html").write_text(_page(f"concept {c}", body, 1))
-
+            (tmp / "concepts" / f"{concept_name(c)}.html").write_text(site.concept_page(c))
         for i in tqdm(shown, unit="img", desc="image pages", disable=not progress):
-            strongest = [(c, v) for c, v in tops.image_concepts.get(i, []) if (i, c) in tops.heatmaps]
-            body = (f"<p><a href='../index.html'>all concepts</a></p><h1>Image {html.escape(str(keys[i]))}</h1>"
-                    f"<p><img src='../img/{image_name(i)}.jpg' width='224' height='224'></p>"
-                    f"<h2>Strongest concepts</h2><div class='grid'>"
-                    + "".join(figure(i, c, "concept") for c, _ in strongest) + "</div>")
-            (tmp / "images" / f"{image_name(i)}.html").write_text(_page(f"image {keys[i]}", body, 1))
-
-        headers = ["concept", "frequency", "mean activation"]
-        if match is not None:
-            headers.append("match")
-        header_html = "".join(f"<th data-sortable class='{'l' if h == 'concept' else ''}'>{h}</th>"
-                              for h in headers)
-        header_html += "<th class='l'>nearest centroids</th>" if centroids is not None else ""
-        header_html += "<th class='l'>top image</th>"
-        rows = []
-        for c in live:
-            cells = [f"<td class='l' data-v='{c}'><a href='concepts/{concept_name(c)}.html'>{c}</a></td>",
-                     f"<td data-v='{tops.frequency[c]:.8g}'>{tops.frequency[c]:.5f}</td>",
-                     f"<td data-v='{tops.mean_activation[c]:.8g}'>{tops.mean_activation[c]:.4f}</td>"]
-            if match is not None:
-                cells.append(f"<td data-v='{match[c]:.8g}'>{match[c]:.3f}</td>")
-            if centroids is not None:
-                cells.append(f"<td class='l'>{centroids[c]}</td>")
-            first = int(tops.images[c, 0])
-            cells.append(f"<td class='l'><img class='thumb' src='img/{image_name(first)}.jpg' alt=''></td>")
-            rows.append("<tr>" + "".join(cells) + "</tr>")
-        dead_list = ", ".join(str(c) for c in dead) or "none"
-        body = (f"<h1>Concepts of {html.escape(str(fitdir))}</h1>"
-                f"<p>{config['sae']['sae']} · {k} concepts · store {html.escape(str(store.path))} "
-                f"({html.escape(str(store.attrs.get('model')))}, weights {html.escape(str(store.attrs.get('weights')))}) · "
-                f"{tops.tokens_seen} tokens of the {split} split · {len(live)} live, {len(dead)} dead</p>"
-                "<p>Filter <input id='filter' placeholder='concept id or centroid'> "
-                "minimum frequency <input id='minfreq' type='number' step='0.001' value='0'> · "
-                "click a column to sort</p>"
-                f"<table id='concepts'><thead><tr>{header_html}</tr></thead><tbody>{''.join(rows)}"
-                f"</tbody></table><h2 id='dead'>Dead concepts ({len(dead)})</h2><p>Never fire on "
-                f"this split: {dead_list}</p>")
-        (tmp / "index.html").write_text(_page("archsae concepts", body))
-        summary = {"fit": str(fitdir), "concepts": k, "live": len(live), "dead": len(dead),
-                   "images": len(shown), "top": top, "split": split,
-                   "against": str(against) if against else None}
-        (tmp / "site.json").write_text(json.dumps(summary, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "images" / f"{image_name(i)}.html").write_text(site.image_page(i))
+        (tmp / "index.html").write_text(site.index_page(title, live, dead))
+        (tmp / SITE_MARKER).write_text(json.dumps(summary, indent=1))
     summary["bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return summary

@@ -15,10 +15,7 @@ import torch
 from tqdm import tqdm
 
 from archsae.evaluate.baselines import fit_baseline
-from archsae.fit.centroids import faiss_kmeans
-from archsae.fit.sae import sae_settings
-from archsae.fit.step import FitSettings
-from archsae.fit.train import fit_tensor
+from archsae.fit import FitSettings, faiss_kmeans, fit_tensor, sae_settings
 
 METHODS = ("kmeans", "pca", "ica", "semi_nmf", "topk", "a", "ra")
 ARCHETYPAL = ("a", "ra")
@@ -58,7 +55,7 @@ def method_codes(method: str, train: torch.Tensor, test: torch.Tensor, k: int, t
             encode = model.encode
         return encode(train).numpy(), encode(test).numpy()
     n_points = min(512, len(train) // POINTS_PER_CENTROID)
-    sae = sae_settings(method, train.shape[1], k, min(top_k, k), n_centroids=n_points)
+    sae = sae_settings(method, train.shape[1], concepts=k, top_k=min(top_k, k))
     points = None
     if sae.needs_centroids:
         kmeans, _ = faiss_kmeans(train, n_points, seed)

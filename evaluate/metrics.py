@@ -7,7 +7,7 @@ float64, pooled over the whole evaluation split (never averaged per batch).
 import numpy as np
 import torch
 
-from archsae.evaluate.stability import unit_atoms
+from archsae.fit import unit_rows
 
 
 def stable_rank(d: torch.Tensor) -> float:
@@ -26,7 +26,7 @@ def effective_rank(d: torch.Tensor) -> float:
 
 def coherence(d: torch.Tensor) -> float:
     """max over i != j of |cos(D_i, D_j)|."""
-    u = unit_atoms(d)
+    u = unit_rows(d.detach().double())
     g = (u @ u.T).abs()
     g.fill_diagonal_(0)
     return float(g.max())
@@ -38,7 +38,7 @@ class CodeTally:
 
     def __init__(self, atoms: torch.Tensor):
         k, d = atoms.shape
-        self.units = unit_atoms(atoms)
+        self.units = unit_rows(atoms.detach().double())
         self.n = 0
         self.sse = 0.0
         self.feature_sum = torch.zeros(d, dtype=torch.float64)
@@ -73,8 +73,7 @@ class CodeTally:
     def summary(self, atoms: torch.Tensor) -> dict:
         l0 = np.concatenate(self.l0)
         k = len(self.fired)
-        gram = self.units @ self.units.T
-        interference = torch.relu(-self.cofire * gram)
+        raw = atoms.detach().double()
         return {
             "tokens": self.n,
             "r2": self.r2(),
@@ -84,7 +83,10 @@ class CodeTally:
             "firing_frequency": (self.fired.double() / max(self.n, 1)).tolist(),
             "ood": float(1.0 - self.best_cos.mean()),
             "connectivity": float(1.0 - (self.coactive > 0).sum() / k ** 2),
-            "negative_interference": float(interference.norm()),
+            # the paper's ||relu(-(Z^T Z) o (D D^T))|| on the atoms as they are, and the same
+            # with unit atoms (cosines), which does not grow with the atoms' norms
+            "negative_interference": float(torch.relu(-self.cofire * (raw @ raw.T)).norm()),
+            "negative_interference_cosine": float(torch.relu(-self.cofire * (self.units @ self.units.T)).norm()),
             "stable_rank": stable_rank(atoms),
             "effective_rank": effective_rank(atoms),
             "coherence": coherence(atoms),

@@ -15,7 +15,7 @@ hidden layer (not a linear read-out) are refused.
 import torch
 
 from archsae.errors import UserError
-from archsae.evaluate.stability import unit_atoms
+from archsae.fit import unit_rows
 
 
 def head_rows(model: torch.nn.Module) -> tuple[torch.Tensor, str]:
@@ -41,7 +41,8 @@ def head_rows(model: torch.nn.Module) -> tuple[torch.Tensor, str]:
 def plausibility(rows: torch.Tensor, atoms: torch.Tensor, std: torch.Tensor) -> float:
     """mean over classes of the best cosine between a class direction and a raw-space atom."""
     raw = atoms.detach().double() * std.double()
-    return float((unit_atoms(rows) @ unit_atoms(raw).T).max(dim=1).values.mean())
+    cos = unit_rows(rows.detach().double()) @ unit_rows(raw).T
+    return float(cos.max(dim=1).values.mean())
 
 
 def random_plausibility(rows: torch.Tensor, k: int, std: torch.Tensor, seed: int = 0) -> float:

@@ -8,13 +8,12 @@ two benchmarks (`identifiability.json`, `plausibility.json`), and the concept br
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from archsae.fit.checkpoint import write_json
+from archsae.errors import UserError
+from archsae.files import replaced_atomically, write_json
 
 HEADLINE = ("r2", "l0", "dead", "stability_seeds", "stability_subsets", "max_cosine", "ood", "stable_rank",
             "effective_rank", "coherence", "connectivity", "negative_interference")
@@ -22,7 +21,7 @@ LABELS = {"r2": "R^2", "l0": "L0", "dead": "dead", "stability_seeds": "stability
           "stability_subsets": "stability (90% subsets)", "max_cosine": "max cosine", "ood": "OOD", "stable_rank": "stable rank",
           "effective_rank": "effective rank", "coherence": "coherence",
           "connectivity": "connectivity", "negative_interference": "neg. interference"}
-CONTROL_NOTE = {"topk": "TopK SAE, random init", "topk-centroid-init": "control: TopK, decoder at the centroids"}
+ENCODER_LABELS = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU", "relu": "ReLU (L1 penalty)"}
 
 
 def _read(path):
@@ -30,12 +29,18 @@ def _read(path):
 
 
 def _describe(name: str) -> str:
-    if name in CONTROL_NOTE:
-        return CONTROL_NOTE[name]
-    if name.endswith("-no-projection"):
-        return "control: archetypal start, projection off"
-    return {"ra": "RA-SAE", "a": "A-SAE", "jumprelu": "JumpReLU SAE", "batchtopk": "BatchTopK SAE",
-            "relu": "ReLU SAE (L1 penalty)"}.get(name, name)
+    """A reader's label for an SAE name (`SAESettings.name`): what it is, and which control."""
+    for suffix, note in (("-no-projection", "control: {} with the projection off"),
+                         ("-centroid-init", "control: {}, decoder started at the centroids")):
+        if name.endswith(suffix):
+            return note.format(_describe(name[: -len(suffix)]))
+    base, _, encoder = name.partition("-")
+    if base in ("ra", "a"):
+        label = "RA-SAE" if base == "ra" else "A-SAE"
+        return label + (f" ({ENCODER_LABELS.get(encoder, encoder)} encoder)" if encoder else "")
+    if name in ENCODER_LABELS:
+        return f"{ENCODER_LABELS[name]} SAE (free dictionary)"
+    return name
 
 
 def collect(studies=(), baselines=None, identifiability=None, plausibility=None, browser=None) -> dict:
@@ -218,16 +223,12 @@ def build_report(out, **inputs) -> dict:
     out = Path(out)
     if inputs.get("browser"):  # linked relative to the report, so the pair can move together
         inputs["browser"] = os.path.relpath(inputs["browser"], out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
+        raise UserError(f"{out} exists and is not a report made by `archsae report`: choose another "
+                        "output folder (only an empty folder or an earlier report is replaced)")
     report = collect(**inputs)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with replaced_atomically(out, folder=True) as tmp:
         plots = write_plots(report, tmp)
         write_json(tmp / "report.json", report)
         write_markdown(report, tmp, plots)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return report

@@ -17,12 +17,9 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
+from archsae.fit import unit_rows
+
 EXACT_LIMIT = 10_000
-
-
-def unit_atoms(d: torch.Tensor) -> torch.Tensor:
-    d = d.detach().double()
-    return d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def match_atoms(a: torch.Tensor, b: torch.Tensor, exact_limit: int = EXACT_LIMIT,
@@ -31,7 +28,7 @@ def match_atoms(a: torch.Tensor, b: torch.Tensor, exact_limit: int = EXACT_LIMIT
     matching; a must not have more atoms than b."""
     if len(a) > len(b):
         raise ValueError("match the smaller dictionary against the larger one")
-    ua, ub = unit_atoms(a), unit_atoms(b)
+    ua, ub = unit_rows(a.detach().double()), unit_rows(b.detach().double())
     if max(len(a), len(b)) <= exact_limit:
         cos = (ua @ ub.T).cpu().numpy()
         rows, cols = linear_sum_assignment(-np.abs(cos))
@@ -69,24 +66,36 @@ def _sparse_matching(ua: np.ndarray, ub: np.ndarray, candidates: int):
     return c, cos, f"sparse (exact matching over each atom's {m} nearest atoms per sign; a lower bound)"
 
 
-def stability(a: torch.Tensor, b: torch.Tensor, exact_limit: int = EXACT_LIMIT) -> float:
-    """Mean |cosine| of the matched atoms: 1 for a dictionary and a signed permutation of itself."""
+def _matched(a: torch.Tensor, b: torch.Tensor, exact_limit: int = EXACT_LIMIT) -> tuple[float, str]:
+    """(mean |cosine| of the matched atoms, the matching used)."""
     if len(a) > len(b):
         a, b = b, a
-    _, cos, _ = match_atoms(a, b, exact_limit)
-    return float(np.abs(cos).mean())
+    _, cos, method = match_atoms(a, b, exact_limit)
+    return float(np.abs(cos).mean()), method
+
+
+def stability(a: torch.Tensor, b: torch.Tensor, exact_limit: int = EXACT_LIMIT) -> float:
+    """Mean |cosine| of the matched atoms: 1 for a dictionary and a signed permutation of itself."""
+    return _matched(a, b, exact_limit)[0]
 
 
 def max_cosine(a: torch.Tensor, b: torch.Tensor, block: int = 4096) -> float:
     """max_ij cos(A_i, B_j) between two dictionaries (in blocks of rows)."""
-    ua, ub = unit_atoms(a), unit_atoms(b)
+    ua, ub = unit_rows(a.detach().double()), unit_rows(b.detach().double())
     return max(float((ua[s:s + block] @ ub.T).max()) for s in range(0, len(ua), block))
 
 
 def compare_runs(dictionaries: list[torch.Tensor]) -> dict:
-    """Stability of every pair of runs (mean, sd, each pair) and their mean max cosine."""
-    pairs = list(itertools.combinations(dictionaries, 2))
-    scores = [stability(a, b) for a, b in pairs]
+    """Stability of every pair of runs (mean, sd, each pair, which runs, the matching used) and
+    their max cosine (each pair, mean)."""
+    pair_runs = list(itertools.combinations(range(len(dictionaries)), 2))
+    scores, methods, max_cos = [], set(), []
+    for i, j in pair_runs:
+        score, method = _matched(dictionaries[i], dictionaries[j])
+        scores.append(score)
+        methods.add(method)
+        max_cos.append(max_cosine(dictionaries[i], dictionaries[j]))
     return {"mean": statistics.mean(scores) if scores else None,
             "sd": statistics.stdev(scores) if len(scores) > 1 else None, "pairs": scores,
-            "max_cosine": statistics.mean(max_cosine(a, b) for a, b in pairs) if pairs else None}
+            "pair_runs": pair_runs, "matching": sorted(methods), "max_cosine_pairs": max_cos,
+            "max_cosine": statistics.mean(max_cos) if max_cos else None}

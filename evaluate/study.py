@@ -13,27 +13,27 @@ not a win.
 """
 
 import statistics
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from archsae.evaluate.run import evaluate_fit
 from archsae.evaluate.stability import compare_runs
-from archsae.fit import load
-from archsae.fit.checkpoint import write_json
-from archsae.fit.sae import SAESettings
-from archsae.fit.train import FitSettings, fit
+from archsae.files import write_json
+from archsae.fit import FitSettings, SAESettings, fit, load
 
 
 def study_variants(saes: list[SAESettings]) -> dict[str, SAESettings]:
-    """The SAEs themselves and their controls, all with the same size, sparsity and centroids."""
-    topk = replace(saes[0], sae="topk", encoder="topk", dictionary="free", delta=0.0)
-    variants = {sae.sae: sae for sae in saes}
-    variants.setdefault("topk", replace(topk, decoder_init="random"))
-    variants["topk-centroid-init"] = replace(topk, decoder_init="centroids")
+    """The SAEs themselves and their controls, all with the same size, sparsity and centroids,
+    each under its own name (`SAESettings.name`)."""
+    topk = replace(saes[0], encoder="topk", dictionary="free", delta=0.0, decoder_init="random")
+    controls = [topk, replace(topk, decoder_init="centroids")]
     # without the projection W and Lambda are free: A-SAE and RA-SAE are the same control
     archetypal = [sae for sae in saes if sae.dictionary == "archetypal"]
     if archetypal:
-        variants[f"{archetypal[0].sae}-no-projection"] = replace(archetypal[0], project=False)
+        controls.append(replace(archetypal[0], project=False))
+    variants = {sae.name: sae for sae in saes}
+    for control in controls:
+        variants.setdefault(control.name, control)
     return variants
 
 
@@ -41,7 +41,7 @@ def stability_study(store, out, saes: list[SAESettings], cfg: FitSettings, seeds
                     subsets: bool = False, progress: bool = True) -> dict:
     """Fit every variant `seeds` times (finished runs are reused) and report their stability."""
     out = Path(out)
-    report = {"store": str(store), "saes": [s.to_dict() for s in saes], "fit": asdict(cfg), "seeds": seeds,
+    report = {"store": str(store), "saes": [s.to_dict() for s in saes], "fit": cfg.to_dict(), "seeds": seeds,
               "varies": "data subset (90% of training images)" if subsets else "seed",
               "variants": {}}
     for name, settings in study_variants(saes).items():

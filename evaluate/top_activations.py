@@ -15,8 +15,7 @@ import torch
 from tqdm import tqdm
 
 from archsae.cache import TokenStore
-from archsae.evaluate.run import fit_store
-from archsae.fit import load
+from archsae.fit import fit_settings, load, open_fit_store
 
 
 @dataclass
@@ -51,16 +50,16 @@ def _image_batches(loader: TokenStore, max_tokens: int, only: set[int] | None = 
 
 
 @torch.no_grad()
-def top_activations(fitdir, top: int = 16, per_image: int = 8, split: str = "all",
+def top_activations(fitdir, top: int = 16, per_image: int = 8, part: str = "all",
                     max_tokens: int = 8192, progress: bool = True) -> TopActivations:
-    opened, config = fit_store(fitdir)
+    opened, config = open_fit_store(fitdir)
     model = load(fitdir)
-    k = config["sae"]["concepts"]
-    loader = TokenStore(opened, tokens="all", split=split, standardize=False,
-                        heldout_fraction=config["fit"]["heldout"])
+    sae, cfg = fit_settings(config)
+    k = sae.concepts
+    loader = TokenStore(opened, tokens="all", part=part, split=cfg.split, standardize=False)
 
     def codes_of(rows: np.ndarray) -> torch.Tensor:
-        x = (torch.from_numpy(rows).float() - model.input_mean) / model.input_std
+        x = model.standardise(torch.from_numpy(rows).float())
         return model.encode(x.reshape(-1, loader.d)).dense.reshape(*rows.shape[:2], k)
 
     values = torch.zeros(top, k)

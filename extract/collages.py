@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from archsae.errors import UserError
 from archsae.extract.demo_data import load_photo, write_shards
+from archsae.extract.sources import is_image_file
 
 # objects and scenes; textures and microscopy
 OBJECT_SETS = {
@@ -23,7 +24,6 @@ OBJECT_SETS = {
 }
 PER_COLLAGE = 4
 TILE = 160  # pixels per collage quarter
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def bundled_objects(name: str) -> list[tuple[str, np.ndarray]]:
@@ -36,7 +36,7 @@ def folder_objects(folder) -> list[tuple[str, np.ndarray]]:
     if not folder.is_dir():
         raise UserError(f"--objects {folder} is not a folder: give a folder with one image per object")
     objects = []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in sorted(p for p in folder.iterdir() if is_image_file(p)):
         try:
             with Image.open(path) as img:
                 objects.append((path.stem, np.asarray(img.convert("RGB"))))

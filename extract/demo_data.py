@@ -6,12 +6,12 @@ goes through exactly the path user data takes. Nothing is downloaded.
 import io
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from archsae.files import temporary_sibling
 from archsae.paths import runs_dir
 
 # Photographs only (no drawings or synthetic patterns); grey ones are converted to RGB.
@@ -69,7 +69,7 @@ def write_shards(out: Path, n_images: int, render, prefix: str) -> str:
     pattern = str(out / f"{prefix}-{{000000..{n_shards - 1:06d}}}.tar")
     if out.is_dir():
         return pattern
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(out)
     tmp.mkdir(parents=True)
     try:
         for s in range(n_shards):

@@ -24,7 +24,7 @@ class StoreImages:
         try:
             self.source = open_source(location)
         except UserError as exc:
-            raise UserError(f"the images of {store.path} are not at {location} ({exc.format_message()}): "
+            raise UserError(f"the images of {store.path} are not at {location} ({exc}): "
                             "pass --data with where they are now") from None
         if self.source.manifest_hash() != store.attrs.get("source_hash"):
             raise UserError(f"the images at {location} are not the ones {store.path} was extracted "

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from archsae.devices import resolve_device
 from archsae.errors import UserError
 from archsae.cache import StoreSpec, create_or_open, default_chunk_images, is_store, open_store
 from archsae.extract.presets import build_backbone
@@ -95,8 +96,6 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
     """Fill (or finish) the store at `out`; returns the open store."""
     if on_error not in ON_ERROR:
         raise UserError(f"--on-error {on_error!r} is not one of {', '.join(ON_ERROR)}")
-    if dtype not in ("float16", "float32"):
-        raise UserError(f"--dtype {dtype!r} is not supported: use float16 or float32")
     if batch_size < 1 or (limit is not None and limit < 1):
         raise UserError("--batch-size and --limit must be positive integers")
     if is_store(out):  # refuse a foreign store before building anything
@@ -105,7 +104,7 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
             raise UserError(f"{out} already holds a store made by model {existing.get('model')!r}, "
                             f"not {model!r}: pass another --out or delete that folder")
     ranks = resolve_ranks(rank, world)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if ranks.distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     source = open_source(resolve_data(data, demo_images)).limit(limit)
@@ -130,7 +129,7 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
                 _check_disk(out, spec, itemsize)
                 create_or_open(out, spec)
             except UserError as exc:
-                problem = [exc.format_message()]
+                problem = [str(exc)]
         torch.distributed.broadcast_object_list(problem, src=0)
         if problem[0] is not None:
             torch.distributed.destroy_process_group()

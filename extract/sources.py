@@ -18,6 +18,10 @@ from webdataset.tariterators import base_plus_ext
 from archsae.errors import UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
 LABEL_FIELDS = ("cls", "cls.txt", "cls2")
 
 
@@ -70,7 +74,7 @@ def open_source(spec: str) -> ImageSource:
     path = Path(spec)
     if path.is_dir():
         shards = sorted(path.glob("*.tar"))
-        if shards and not any(p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for p in path.iterdir()):
+        if shards and not any(is_image_file(p) for p in path.iterdir()):
             return _tar_source(spec, [str(p) for p in shards])
         return _folder_source(path)
     if ".tar" in spec:
@@ -127,7 +131,7 @@ def _parse_label(raw: bytes | None) -> int:
 
 def _folder_source(root: Path) -> ImageSource:
     files = sorted(p for p in root.rglob("*")
-                   if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+                   if p.is_file() and is_image_file(p))
     if not files:
         raise UserError(f"no images found in {root}: use a folder of images (class sub-folders "
                         f"give labels), extensions {', '.join(IMAGE_EXTENSIONS)}")

@@ -1,9 +1,11 @@
 """Archetype points C: faiss K-means on standardised tokens streamed from the store.
 
 The paper uses K-means centroids of all training tokens (32,000 per backbone). Tokens are drawn
-as a uniform sample of the train split (the loader's shuffled stream), at most `sample` of them
-(default 256 per centroid, faiss's own cap), so the memory needed does not grow with the store.
-The result is saved into the store as `centroids/k<K>-seed<S>-<tokens>` and reused by every fit.
+as a uniform sample of the train part of the fit's split (the loader's shuffled stream), so no
+held-out image shapes the archetype points; at most `sample` of them (default 256 per centroid,
+faiss's own cap), so the memory needed does not grow with the store. The result is saved into
+the store as `centroids/k<K>-seed<S>-<tokens>-<split>` (e.g. `k512-seed0-all-heldout0.1s0`),
+with its settings and split in its attributes, and reused by every fit on that split.
 """
 
 import time
@@ -12,37 +14,41 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from archsae.cache import Split, TokenStore, open_store
 from archsae.errors import UserError
-from archsae.cache import TokenStore, open_store
+from archsae.fit.settings import PAPER_CENTROIDS, CentroidSettings
 
 MIN_TOKENS_PER_CENTROID = 4  # below this K-means mostly memorises single tokens
 DEFAULT_TOKENS_PER_CENTROID = 256
 
 
-def centroid_name(k: int, seed: int, tokens: str) -> str:
-    return f"k{k}-seed{seed}-{tokens}"
+def centroid_name(k: int, seed: int, tokens: str, split: Split) -> str:
+    return f"k{k}-seed{seed}-{tokens}-{split.name}"
 
 
 def largest_sensible_k(n_tokens: int) -> int:
     return n_tokens // MIN_TOKENS_PER_CENTROID
 
 
-def compute_centroids(store_path, k: int, seed: int = 0, sample: int | None = None,
-                      tokens: str = "all", niter: int = 20, gpu: bool | None = None,
-                      progress: bool = True, force: bool = False) -> str:
-    """Compute (or reuse) the centroid set; returns its name in the store."""
+def centroid_set(store_path, settings: CentroidSettings = CentroidSettings(), tokens: str = "all",
+                 split: Split = Split(), progress: bool = True, force: bool = False,
+                 gpu: bool | None = None) -> str:
+    """Compute (or reuse) the centroid set of the train part of `split`; returns its name.
+    K defaults to min(32000, train tokens / 4)."""
     import faiss
 
     store = open_store(store_path, mode="r+")
-    name = centroid_name(k, seed, tokens)
+    loader = TokenStore(store, tokens=tokens, part="train", split=split)
+    largest = largest_sensible_k(loader.n_tokens)
+    k = settings.n_centroids or max(1, min(PAPER_CENTROIDS, largest))
+    name = centroid_name(k, settings.seed, tokens, split)
     if name in store.centroid_names() and not force:
         return name
-    loader = TokenStore(store, tokens=tokens, split="train")
-    if k < 1 or k > largest_sensible_k(loader.n_tokens):
-        raise UserError(f"K={k} centroids need at least {MIN_TOKENS_PER_CENTROID * k} tokens, the "
-                        f"train split has {loader.n_tokens}: the largest sensible K is "
-                        f"{largest_sensible_k(loader.n_tokens)}")
-    x = loader.sample(sample or DEFAULT_TOKENS_PER_CENTROID * k, seed=seed, progress=progress)
+    if k > largest:
+        raise UserError(f"{k} centroids need at least {MIN_TOKENS_PER_CENTROID * k} tokens, the "
+                        f"train split has {loader.n_tokens}: the largest sensible number is {largest}")
+    seed, niter = settings.seed, settings.niter
+    x = loader.sample(settings.sample or DEFAULT_TOKENS_PER_CENTROID * k, seed=seed, progress=progress)
     n = len(x)
     use_gpu = (faiss.get_num_gpus() > 0 and torch.cuda.is_available()) if gpu is None else gpu
     kmeans = faiss.Kmeans(store.d, k, niter=1, seed=seed, gpu=use_gpu, verbose=False,
@@ -58,7 +64,8 @@ def compute_centroids(store_path, k: int, seed: int = 0, sample: int | None = No
             bar.set_postfix(inertia=f"{inertia:.4g}", tok_s=f"{n * (it + 1) / (time.perf_counter() - t):.3g}")
             bar.update(1)
     store.save_centroids(name, centroids, {
-        "k": k, "seed": seed, "tokens": tokens, "split": "train", "n_tokens_sampled": n,
+        "k": k, "seed": seed, "tokens": tokens, "part": "train",
+        "split": {"heldout": split.heldout, "seed": split.seed}, "n_tokens_sampled": n,
         "niter": niter, "inertia": inertia, "standardised": True, "faiss_version": faiss.__version__,
         "gpu": bool(use_gpu)})
     return name

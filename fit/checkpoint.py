@@ -1,31 +1,27 @@
-"""Fit directories: safetensors + JSON, written atomically; no pickles anywhere.
+"""Fit directories: safetensors + JSON, written atomically; no pickles anywhere. The layout is
+written down in docs/fit-format.md (normative).
 
 FITDIR/
   config.json          schema version, store and centroid ids, every setting
-  model.safetensors    the SAE's tensors + input_mean / input_std (standardisation)
+  model.safetensors    the SAE's tensors, input_mean / input_std (standardisation) included
   metrics.jsonl        one JSON object per logged step
   checkpoint.json      which checkpoint-<step>/ is the latest (while training, and after)
   checkpoint-<step>/   model, optimizer and trainer tensors + state.json, to resume
 """
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from archsae.cache import open_store
 from archsae.errors import UserError
+from archsae.files import replaced_atomically, write_json
+from archsae.fit.settings import FitSettings, SAESettings
 
-SCHEMA_VERSION = 1
-
-
-def write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+SCHEMA_VERSION = 2
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -34,9 +30,8 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = 
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    _save(tensors, tmp, metadata)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        _save(tensors, tmp, metadata)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -65,15 +60,12 @@ def save_checkpoint(fitdir: Path, step: int, model, optimizer, trainer_tensors: 
                     state: dict) -> None:
     """Write checkpoint-<step>/ whole, then point checkpoint.json at it, then drop older ones."""
     name = f"checkpoint-{step:09d}"
-    tmp = fitdir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
     opt_tensors, opt_meta = optimizer_tensors(optimizer)
-    _save(model.state_dict(), tmp / "model.safetensors")
-    _save(opt_tensors, tmp / "optimizer.safetensors")
-    _save(trainer_tensors, tmp / "trainer.safetensors")
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}))
-    shutil.rmtree(fitdir / name, ignore_errors=True)
-    os.replace(tmp, fitdir / name)
+    with replaced_atomically(fitdir / name, folder=True) as tmp:
+        _save(model.state_dict(), tmp / "model.safetensors")
+        _save(opt_tensors, tmp / "optimizer.safetensors")
+        _save(trainer_tensors, tmp / "trainer.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}))
     write_json(fitdir / "checkpoint.json", {"latest": name, "step": step})
     for old in fitdir.glob("checkpoint-*"):
         if old.name != name:
@@ -102,20 +94,41 @@ def read_config(fitdir) -> dict:
     return config
 
 
+def fit_settings(config: dict) -> tuple[SAESettings, FitSettings]:
+    """The settings a fit directory's config.json records."""
+    return SAESettings.from_dict(config["sae"]), FitSettings.from_dict(config["fit"])
+
+
+def check_store(fitdir, config: dict, store) -> None:
+    """Refuse a store that is not the one the fit recorded."""
+    if store.id != config["store"]["id"]:
+        raise UserError(f"{fitdir} was trained on another store ({config['store']['model']}, "
+                        f"d={config['store']['d']}, id {config['store']['id']}), not {store.path} "
+                        f"({store.attrs.get('model')}, d={store.d}, id {store.id}): pass the store "
+                        "it was made from")
+
+
+def open_fit_store(fitdir, store=None):
+    """(the store a fit was trained on, or `store` checked to be that one; the fit's config)."""
+    config = read_config(fitdir)
+    opened = open_store(store or config["store"]["path"])
+    check_store(fitdir, config, opened)
+    return opened, config
+
+
 def load(fitdir, device: str | torch.device = "cpu"):
     """The trained SAE of a fit directory, in eval mode (archetypal dictionaries fused)."""
-    from archsae.fit.sae import SAESettings, SparseAutoencoder
+    from archsae.fit.sae import SparseAutoencoder
 
     config = read_config(fitdir)
     if not config.get("finished"):
-        raise UserError(f"{fitdir} has not finished training: rerun `archsae fit ... --resume`")
+        raise UserError(f"{fitdir} has not finished training: resume the fit to finish it")
     tensors = load_file(str(Path(fitdir) / "model.safetensors"))
-    settings = SAESettings.from_dict(config["sae"])
+    settings, _ = fit_settings(config)
     if settings.dictionary == "free":  # the trained atoms replace any initial ones
         settings.decoder_init = "random"
     model = SparseAutoencoder(settings, tensors.get("dictionary.points"))
-    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("input_")})
-    model.input_mean, model.input_std = tensors["input_mean"], tensors["input_std"]
+    model.load_state_dict(tensors)
     return model.to(device).eval()
 
 
@@ -124,6 +137,7 @@ def export(fitdir, out) -> Path:
     z = rule(x_std - pre_bias) @ encoder_weight.T + encoder_bias); x_hat_std = z @ decoder + pre_bias."""
     config = read_config(fitdir)
     model = load(fitdir)
+    settings, _ = fit_settings(config)
     tensors = {
         "encoder_weight": model.enc.weight, "encoder_bias": model.enc.bias,
         "pre_bias": model.pre_bias, "decoder": model.dictionary.weight(),
@@ -133,9 +147,8 @@ def export(fitdir, out) -> Path:
         tensors["threshold"] = model.encoder.threshold.reshape(1)
     if hasattr(model.encoder, "log_threshold"):
         tensors["threshold"] = model.encoder.log_threshold.exp()
-    sae = config["sae"]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_tensors(out, tensors, {"encoder": sae["encoder"], "top_k": sae["top_k"],
-                                 "sae": sae["sae"], "store": config["store"]})
+    write_tensors(out, tensors, {"encoder": settings.encoder, "top_k": settings.top_k,
+                                 "sae": settings.name, "store": config["store"]})
     return out

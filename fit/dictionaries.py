@@ -14,9 +14,10 @@ from archsae.fit.projections import PROJECTIONS, clip_row_norms, unit_rows
 
 
 class FreeDictionary(nn.Module):
-    def __init__(self, concepts: int, d: int, init: torch.Tensor | None = None):
+    def __init__(self, concepts: int, d: int, init: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None):
         super().__init__()
-        weight = torch.randn(concepts, d) if init is None else init.clone().float()
+        weight = torch.randn(concepts, d, generator=generator) if init is None else init.clone().float()
         self.atoms = nn.Parameter(unit_rows(weight))
 
     def weight(self) -> torch.Tensor:
@@ -36,10 +37,8 @@ class ArchetypalDictionary(nn.Module):
         n_points, d = points.shape
         if n_points < concepts:
             raise UserError(f"an archetypal dictionary of {concepts} concepts needs at least "
-                            f"{concepts} centroids, got {n_points}: compute more centroids "
-                            f"(--n-centroids {concepts} or more) or ask for fewer --concepts")
-        if projection not in PROJECTIONS:
-            raise UserError(f"unknown --projection {projection!r}: use one of {', '.join(PROJECTIONS)}")
+                            f"{concepts} centroids, got {n_points}: compute {concepts} or more "
+                            "centroids, or ask for fewer concepts")
         self.register_buffer("points", points.float().contiguous())
         self.W = nn.Parameter(torch.eye(concepts, n_points))  # atom i starts at centroid i
         self.relax = nn.Parameter(torch.zeros(concepts, d))

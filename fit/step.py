@@ -10,43 +10,12 @@ regardless of whether firing helps the reconstruction.
 """
 
 import math
-from dataclasses import dataclass, fields
 
 import torch
 
 from archsae.fit.encoders import Codes
-from archsae.fit.sae import SAESettings, SparseAutoencoder
-
-
-@dataclass
-class FitSettings:
-    epochs: int = 10
-    batch_size: int = 1024
-    lr: float = 5e-4
-    dictionary_lr: float | None = None  # archetypal W and Lambda; None: see DEFAULT_DICTIONARY_LR
-    dictionary_eps: float = 1e-3  # Adam's eps for W and Lambda: see docs/fit.md
-    warmup: float = 0.05  # fraction of the steps
-    final_lr: float = 0.1  # fraction of lr reached at the end of the cosine decay
-    clip_grad: float = 1.0
-    aux_k: int | None = None  # None: 2 x top_k
-    aux_alpha: float = 1 / 32
-    dead_tokens: int = 1_000_000  # a code silent for this many tokens is dead
-    tokens: str = "all"
-    heldout: float = 0.1
-    subset: float = 1.0  # fraction of the training images used (stability across data subsets)
-    subset_seed: int = 0
-    seed: int = 0
-    checkpoint_every: int = 500  # steps
-    log_every: int = 20
-    device: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FitSettings":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-DEFAULT_DICTIONARY_LR = 5e-3
+from archsae.fit.sae import SparseAutoencoder
+from archsae.fit.settings import FitSettings, SAESettings
 
 
 def lr_factor(step: int, total: int, warmup: float, final: float) -> float:
@@ -60,19 +29,23 @@ def lr_factor(step: int, total: int, warmup: float, final: float) -> float:
 
 class TrainingStep:
     """The model, its optimiser and the running state of training (step, dead-code counters,
-    penalty coefficient)."""
+    penalty coefficient). A step returns its metrics as tensors on the device: reading them
+    (`float`) waits for the device, so callers read them only on the steps they log."""
 
     def __init__(self, sae: SAESettings, cfg: FitSettings, points: torch.Tensor | None,
-                 total_steps: int, device: torch.device):
+                 total_steps: int, device: torch.device, mean: torch.Tensor | None = None,
+                 std: torch.Tensor | None = None):
         self.sae, self.cfg, self.total_steps, self.device = sae, cfg, total_steps, device
-        torch.manual_seed(cfg.seed)
-        self.model = SparseAutoencoder(sae, points).to(device)
+        self.model = SparseAutoencoder(sae, points, torch.Generator().manual_seed(cfg.seed))
+        if mean is not None:
+            self.model.input_mean.copy_(mean)
+            self.model.input_std.copy_(std)
+        self.model.to(device)
         self.model.project_()
         # W and Lambda move on the scale of the simplex, not of the encoder: their own rate;
         # JumpReLU thresholds must travel O(1) in a few hundred steps: 10 x lr.
         groups = {"model": {"params": [], "lr": cfg.lr},
-                  "archetypal": {"params": [], "lr": cfg.dictionary_lr or DEFAULT_DICTIONARY_LR,
-                                 "eps": cfg.dictionary_eps},
+                  "archetypal": {"params": [], "lr": cfg.dictionary_lr, "eps": cfg.dictionary_eps},
                   "threshold": {"params": [], "lr": 10 * cfg.lr}}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
@@ -85,11 +58,11 @@ class TrainingStep:
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8,
                                           fused=device.type in ("cpu", "cuda"))
         self.step = 0
-        self.penalty_coef = 1e-2
+        self.penalty_coef = torch.tensor(1e-2, device=device)
         self.silent_tokens = torch.zeros(sae.concepts, dtype=torch.int64, device=device)
 
-    def __call__(self, x: torch.Tensor) -> dict:
-        """One optimiser step on a batch of standardised tokens; returns its metrics."""
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimiser step on a batch of standardised tokens; returns its metrics (tensors)."""
         s, cfg, model = self.sae, self.cfg, self.model
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * lr_factor(self.step, self.total_steps, cfg.warmup, cfg.final_lr)
@@ -106,8 +79,9 @@ class TrainingStep:
                 penalty = model.encoder.penalty(pre, codes, atoms.norm(dim=-1)) / s.top_k
                 loss = loss + self.penalty_coef * penalty
             dead = self.silent_tokens >= cfg.dead_tokens
-            aux = self._aux_loss(pre, atoms, err.detach(), dead) if dead.any() else None
-            if aux is not None:
+            aux = torch.zeros((), device=x.device)
+            if self.step * len(x) >= cfg.dead_tokens:  # before that no code can be dead yet
+                aux = self._aux_loss(pre, atoms, err.detach(), dead)
                 loss = loss + cfg.aux_alpha * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -119,23 +93,23 @@ class TrainingStep:
             fired = (codes.dense > 0).any(0)
             self.silent_tokens = torch.where(fired, 0, self.silent_tokens + len(x))
             if model.encoder.penalised:  # steer the penalty towards the target L0
-                ratio = float(l0) / s.top_k - 1.0
-                self.penalty_coef = min(1e3, max(1e-6, self.penalty_coef * math.exp(
-                    0.01 * max(-1.0, min(1.0, ratio)))))
+                ratio = (l0 / s.top_k - 1.0).clamp(-1.0, 1.0)
+                self.penalty_coef = (self.penalty_coef * torch.exp(0.01 * ratio)).clamp(1e-6, 1e3)
             centred = x - x.mean(0)
-            r2 = 1.0 - float(err.pow(2).sum()) / max(float(centred.pow(2).sum()), 1e-12)
+            r2 = 1.0 - err.pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12)
         self.step += 1
-        return {"step": self.step, "loss": float(loss.detach()), "mse": float(mse.detach()),
-                "r2": r2, "l0": float(l0), "penalty_coef": self.penalty_coef,
-                "dead": float(dead.float().mean()), "aux": float(aux.detach()) if aux is not None else 0.0,
-                "lr": self.optimizer.param_groups[0]["lr"]}
+        return {"loss": loss.detach(), "mse": mse.detach(), "r2": r2, "l0": l0,
+                "penalty_coef": self.penalty_coef, "dead": dead.float().mean(), "aux": aux.detach()}
 
     def _aux_loss(self, pre, atoms, residual, dead):
-        """AuxK: the dead codes' own top-k reconstructs the main reconstruction's error."""
-        k_aux = min(int(dead.sum()), self.cfg.aux_k or 2 * self.sae.top_k)
+        """AuxK: the dead codes' own top-k reconstructs the main reconstruction's error. Without
+        asking the device whether any code is dead (that would wait for it): entries that are
+        not dead are selected as relu(-inf) = 0, which gives them no gradient, and the loss is
+        zeroed when no code is dead, so it adds nothing then."""
+        k_aux = min(self.sae.concepts, self.cfg.aux_k or 2 * self.sae.top_k)
         masked = pre.masked_fill(~dead, float("-inf"))
         values, indices = masked.topk(k_aux, dim=-1)
         values = torch.relu(values)
         aux_hat = self.model.decode(Codes(None, indices, values), atoms, bias=False)
-        return (aux_hat.float() - residual).pow(2).sum(-1).mean() / self.sae.d
+        return (aux_hat.float() - residual).pow(2).sum(-1).mean() / self.sae.d * dead.any()
 

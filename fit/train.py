@@ -1,34 +1,28 @@
 """Training an SAE from a store: the loop over the token stream, progress, metrics,
 checkpoints that resume exactly (SIGTERM checkpoints and stops), and the fit directory's
-files. Held-out metrics are the evaluate stage's (`archsae.evaluate.run.evaluate_fit`). The maths of a step is in `archsae.fit.step`.
+files (docs/fit-format.md). Held-out metrics are the evaluate stage's. The maths of a step is
+in `archsae.fit.step`.
 """
 
 import hashlib
 import json
 import signal
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from archsae.errors import UserError
 from archsae.cache import TokenStore, open_store
-from archsae.fit.centroids import compute_centroids, largest_sensible_k, load_points
-from archsae.fit.checkpoint import (SCHEMA_VERSION, load_checkpoint, read_config, restore_optimizer,
-                                   save_checkpoint, write_json, write_tensors)
-from archsae.fit.sae import SAESettings
-from archsae.fit.step import FitSettings, TrainingStep
-
-PAPER_CENTROIDS = 32000  # K-means centroids per backbone in the paper
-
-
-def store_id(store) -> str:
-    a = store.attrs
-    key = json.dumps([a.get(k) for k in ("model", "timm_name", "weights", "layer", "source_hash",
-                                         "shape", "dtype")])
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+from archsae.devices import resolve_device
+from archsae.errors import UserError
+from archsae.files import write_json
+from archsae.fit.centroids import centroid_set, load_points
+from archsae.fit.checkpoint import (SCHEMA_VERSION, check_store, fit_settings, load_checkpoint,
+                                    read_config, restore_optimizer, save_checkpoint, write_tensors)
+from archsae.fit.settings import CentroidSettings, FitSettings, SAESettings
+from archsae.fit.step import TrainingStep
 
 
 class Trainer:
@@ -40,28 +34,28 @@ class Trainer:
         self.sae, self.cfg, self.progress = sae, fit, progress
         if sae.d != self.store.d:
             raise UserError(f"the SAE expects d={sae.d} but {self.store.path} has d={self.store.d}")
-        self.device = torch.device(fit.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.loader = TokenStore(self.store, tokens=fit.tokens, split="train", heldout_fraction=fit.heldout,
+        self.device = resolve_device(fit.device)
+        self.loader = TokenStore(self.store, tokens=fit.tokens, part="train", split=fit.split,
                                  subset=fit.subset, subset_seed=fit.subset_seed)
         self.steps_per_epoch = self.loader.num_batches(fit.batch_size)
         if self.steps_per_epoch == 0:
-            raise UserError(f"--batch-size {fit.batch_size} is larger than the {self.loader.n_tokens} "
-                            "training tokens: lower it")
+            raise UserError(f"a batch of {fit.batch_size} tokens is larger than the "
+                            f"{self.loader.n_tokens} training tokens: use a smaller batch size")
         self.total_steps = self.steps_per_epoch * fit.epochs
         # "dead" = silent for 1M tokens or one epoch, whichever is shorter (small stores)
         self.cfg = fit = replace(fit, dead_tokens=min(fit.dead_tokens, self.loader.n_tokens))
         points = load_points(self.store, sae.centroids) if sae.needs_centroids else None
-        self.learner = TrainingStep(sae, fit, points, self.total_steps, self.device)
+        self.learner = TrainingStep(sae, fit, points, self.total_steps, self.device,
+                                    self.loader.mean, self.loader.std)
         self.stop_requested = False
 
     # -- state -----------------------------------------------------------------------------
     def config(self, finished: bool) -> dict:
         return {"schema_version": SCHEMA_VERSION, "finished": finished,
-                "store": {"path": str(self.store.path.resolve()), "id": store_id(self.store),
+                "store": {"path": str(self.store.path.resolve()), "id": self.store.id,
                           "model": self.store.attrs.get("model"), "d": self.store.d},
                 "centroids": self._centroid_info(),
-                "standardisation": "input_mean / input_std in model.safetensors",
-                "sae": self.sae.to_dict(), "fit": asdict(self.cfg),
+                "sae": self.sae.to_dict(), "fit": self.cfg.to_dict(),
                 "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
 
     def _centroid_info(self):
@@ -73,8 +67,8 @@ class Trainer:
 
     def save(self) -> None:
         save_checkpoint(self.fitdir, self.learner.step, self.learner.model, self.learner.optimizer,
-                        {"silent_tokens": self.learner.silent_tokens, "rng": torch.get_rng_state()},
-                        {"step": self.learner.step, "penalty_coef": self.learner.penalty_coef})
+                        {"silent_tokens": self.learner.silent_tokens,
+                         "penalty_coef": self.learner.penalty_coef}, {"step": self.learner.step})
 
     def resume(self) -> bool:
         ckpt = load_checkpoint(self.fitdir)
@@ -84,8 +78,8 @@ class Trainer:
         self.learner.model.load_state_dict(model_t)
         restore_optimizer(self.learner.optimizer, opt_t, state["optimizer"])
         self.learner.silent_tokens = trainer_t["silent_tokens"].to(self.device)
-        torch.set_rng_state(trainer_t["rng"])
-        self.learner.step, self.learner.penalty_coef = state["step"], state["penalty_coef"]
+        self.learner.penalty_coef = trainer_t["penalty_coef"].to(self.device)
+        self.learner.step = state["step"]
         _truncate_metrics(self.fitdir / "metrics.jsonl", self.learner.step)
         return True
 
@@ -93,37 +87,40 @@ class Trainer:
         self.fitdir.mkdir(parents=True, exist_ok=True)
         write_json(self.fitdir / "config.json", self.config(finished=False))
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        cfg = self.cfg
         try:
             with open(self.fitdir / "metrics.jsonl", "a") as log, \
-                    tqdm(total=self.total_steps, initial=self.learner.step, unit="step", desc=f"fit {self.sae.sae}",
-                         disable=not self.progress, dynamic_ncols=True) as bar:
-                t0, tokens = time.perf_counter(), 0
-                while self.learner.step < self.total_steps:
-                    epoch, start = divmod(self.learner.step, self.steps_per_epoch)
-                    for x in self.loader.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start):
-                        row = self.learner(x.to(self.device, non_blocking=True))
-                        tokens += len(x)
-                        rate = tokens / (time.perf_counter() - t0)
-                        bar.update(1)
-                        bar.set_postfix(r2=f"{row['r2']:.3f}", l0=f"{row['l0']:.0f}",
-                                        dead=f"{row['dead']:.2f}", tok_s=f"{rate:.3g}")
-                        if self.learner.step % cfg.log_every == 0 or self.learner.step == self.total_steps:
-                            log.write(json.dumps({**row, "epoch": epoch, "tokens_per_s": rate}) + "\n")
-                            log.flush()
-                        if self.learner.step % cfg.checkpoint_every == 0 or self.stop_requested:
-                            self.save()
-                        if self.stop_requested:
-                            raise SystemExit(143)
+                    tqdm(total=self.total_steps, initial=self.learner.step, unit="step",
+                         desc=f"fit {self.sae.name}", disable=not self.progress, dynamic_ncols=True) as bar:
+                self._train(log, bar)
         finally:
             signal.signal(signal.SIGTERM, previous)
         self.save()
-        _, mean, std = self.store.feature_stats(cfg.tokens)
-        tensors = {k: v for k, v in self.learner.model.state_dict().items()}
-        tensors["input_mean"] = torch.from_numpy(mean).float()
-        tensors["input_std"] = torch.from_numpy(std).float()
-        write_tensors(self.fitdir / "model.safetensors", tensors)
+        write_tensors(self.fitdir / "model.safetensors", self.learner.model.state_dict())
         write_json(self.fitdir / "config.json", self.config(finished=True))
+
+    def _train(self, log, bar) -> None:
+        """Steps until the end (or a SIGTERM); metrics are read off the device only when logged."""
+        cfg, learner = self.cfg, self.learner
+        t0, tokens = time.perf_counter(), 0
+        while learner.step < self.total_steps:
+            epoch, start = divmod(learner.step, self.steps_per_epoch)
+            for x in self.loader.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start):
+                row = learner(x.to(self.device, non_blocking=True))
+                tokens += len(x)
+                bar.update(1)
+                if learner.step % cfg.log_every == 0 or learner.step == self.total_steps:
+                    rate = tokens / (time.perf_counter() - t0)
+                    row = {"step": learner.step, **{k: float(v) for k, v in row.items()},
+                           "lr": learner.optimizer.param_groups[0]["lr"], "epoch": epoch,
+                           "tokens_per_s": rate}
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    bar.set_postfix(r2=f"{row['r2']:.3f}", l0=f"{row['l0']:.0f}",
+                                    dead=f"{row['dead']:.2f}", tok_s=f"{rate:.3g}")
+                if learner.step % cfg.checkpoint_every == 0 or self.stop_requested:
+                    self.save()
+                if self.stop_requested:
+                    raise SystemExit(143)
 
     def _on_sigterm(self, signum, frame):
         self.stop_requested = True  # checkpoint at the end of this step, then exit
@@ -136,20 +133,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
-def ensure_centroids(store_path, sae: SAESettings, cfg: FitSettings, n_centroids: int | None = None,
-                     progress: bool = True) -> None:
-    """Give `sae` a centroid set when it needs one and names none: computed (or reused) with
-    K = n_centroids, default min(32000, training tokens / 4)."""
+def with_centroids(store_path, sae: SAESettings, cfg: FitSettings,
+                   centroids: CentroidSettings = CentroidSettings(), progress: bool = True) -> SAESettings:
+    """`sae` with a centroid set when it needs one and names none: computed (or reused) on
+    the train split of `cfg`, K = centroids.n_centroids (default min(32000, train tokens / 4))."""
     if not sae.needs_centroids or sae.centroids is not None:
-        return
-    n_train = TokenStore(store_path, tokens=cfg.tokens, heldout_fraction=cfg.heldout).n_tokens
-    k = n_centroids or min(PAPER_CENTROIDS, largest_sensible_k(n_train))
-    sae.centroids = compute_centroids(store_path, k, seed=0, tokens=cfg.tokens, progress=progress)
-    sae.n_centroids = k
+        return sae
+    return replace(sae, centroids=centroid_set(store_path, centroids, cfg.tokens, cfg.split, progress))
 
 
 def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = False,
-        n_centroids: int | None = None, progress: bool = True) -> None:
+        centroids: CentroidSettings = CentroidSettings(), progress: bool = True) -> None:
     """Train (or resume) a fit; computes the centroids first when the SAE needs them and they
     are missing."""
     fitdir = Path(fitdir)
@@ -157,18 +151,14 @@ def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = F
     if (fitdir / "config.json").exists():
         old = read_config(fitdir)
         if not resume:
-            raise UserError(f"{fitdir} already holds a fit: pass --resume to continue it, or "
-                            "another --out")
-        if old["store"]["id"] != store_id(store) or old["store"]["d"] != store.d:
-            raise UserError(f"{fitdir} was trained on another store ({old['store']['model']}, "
-                            f"d={old['store']['d']}), not {store.path} ({store.attrs.get('model')}, "
-                            f"d={store.d}): pass the store it was made from")
-        sae = SAESettings.from_dict(old["sae"])
-        cfg = FitSettings.from_dict({**old["fit"], "device": cfg.device})
+            raise UserError(f"{fitdir} already holds a fit: resume it, or write to another folder")
+        check_store(fitdir, old, store)
+        sae, old_cfg = fit_settings(old)
+        cfg = replace(old_cfg, device=cfg.device)
         if old.get("finished"):
             return
     else:
-        ensure_centroids(store_path, sae, cfg, n_centroids, progress)
+        sae = with_centroids(store_path, sae, cfg, centroids, progress)
     trainer = Trainer(store_path, fitdir, sae, cfg, progress)
     if resume:
         trainer.resume()
@@ -179,14 +169,14 @@ def fit_tensor(x: torch.Tensor, sae: SAESettings, cfg: FitSettings, points: torc
                progress: bool = False):
     """Train on standardised rows held in memory (small benchmark data such as pooled vectors
     of a few thousand images); the same step as a store fit, without checkpoints."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device)
     batch = min(cfg.batch_size, len(x))
     steps_per_epoch = len(x) // batch
     cfg = replace(cfg, dead_tokens=min(cfg.dead_tokens, len(x)))
     learner = TrainingStep(sae, cfg, points, steps_per_epoch * cfg.epochs, device)
     order = torch.Generator().manual_seed(cfg.seed)
     x = x.to(device)
-    for _ in tqdm(range(cfg.epochs), unit="epoch", desc=f"fit {sae.sae}", disable=not progress):
+    for _ in tqdm(range(cfg.epochs), unit="epoch", desc=f"fit {sae.name}", disable=not progress):
         perm = torch.randperm(len(x), generator=order).to(device)
         for b in range(steps_per_epoch):
             learner(x[perm[b * batch:(b + 1) * batch]])

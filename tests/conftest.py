@@ -55,11 +55,11 @@ def listing(path: Path) -> list[str]:
 def fit_store(tmp_path_factory):
     """48 demo images through the tiny ViT: 4,848 tokens of d = 64, with 64 centroids."""
     from archsae.extract.run import extract
-    from archsae.fit.centroids import compute_centroids
+    from archsae.fit import CentroidSettings, centroid_set
 
     root = tmp_path_factory.mktemp("fitstore")
     data = write_demo_shards(48, out=root / "shards")
     path = root / "store"
     extract(TINY, data, path, weights="random", progress=False, workers=0, demo_images=48)
-    compute_centroids(path, 64, progress=False, niter=5)
+    centroid_set(path, CentroidSettings(n_centroids=64, niter=5), progress=False)
     return path

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from archsae.evaluate.top_activations import top_activations
-from archsae.fit.sae import sae_settings
-from archsae.fit.train import FitSettings, fit
+from archsae.fit import sae_settings
+from archsae.fit import FitSettings, fit
 from conftest import cli
 
 TOP = 4
@@ -19,7 +19,7 @@ TOP = 4
 def fits(fit_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("browse")
     for seed in (0, 1):
-        fit(fit_store, root / f"ra{seed}", sae_settings("ra", 64, 32, 4, centroids="k64-seed0-all"),
+        fit(fit_store, root / f"ra{seed}", sae_settings("ra", 64, 32, 4, centroids="k64-seed0-all-heldout0.1s0"),
             FitSettings(epochs=1, batch_size=256, seed=seed), progress=False)
     return root
 
@@ -33,7 +33,7 @@ def test_top_activations_match_a_dense_computation(fit_store, fits):
     tops = top_activations(fits / "ra0", top=TOP, progress=False, max_tokens=300)  # many small batches
     model = load(fits / "ra0")
     store = open_store(fit_store)
-    loader = TokenStore(store, tokens="all", split="all", standardize=False)
+    loader = TokenStore(store, tokens="all", part="all", standardize=False)
     x = torch.from_numpy(np.asarray(store.tokens[:], np.float32))  # small: the dense reference
     valid = np.flatnonzero(loader.image_mask)
     with torch.no_grad():

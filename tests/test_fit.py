@@ -14,9 +14,10 @@ from archsae.cache import TokenStore
 from archsae.evaluate.run import evaluate_fit
 from archsae.fit import load
 from archsae.fit.projections import clip_row_norms, project_rows_to_simplex, relu_renormalise_rows
-from archsae.fit.sae import sae_settings
+from archsae.fit import SAESettings, sae_settings
 from archsae.fit.step import TrainingStep
-from archsae.fit.train import FitSettings, Trainer, fit
+from archsae.fit import FitSettings, fit
+from archsae.fit.train import Trainer
 from conftest import cli, cli_process, output
 
 
@@ -26,7 +27,7 @@ def store(fit_store):
 
 
 def small(sae, **kw):
-    return sae_settings(sae, 64, concepts=32, top_k=4, centroids="k64-seed0-all", **kw)
+    return sae_settings(sae, 64, concepts=32, top_k=4, centroids="k64-seed0-all-heldout0.1s0", **kw)
 
 
 FAST = dict(epochs=2, batch_size=128, lr=2e-3, log_every=1, checkpoint_every=1000)
@@ -110,7 +111,8 @@ def test_every_sae_trains_and_lowers_its_loss(store, tmp_path, sae):
     else:  # L1 steers L0 only slowly: here the penalty must at least be rising towards it
         assert rows[-1]["penalty_coef"] > rows[0]["penalty_coef"]
     config = json.loads((tmp_path / sae / "config.json").read_text())
-    assert config["finished"] and config["sae"]["sae"] == sae and config["store"]["d"] == 64
+    assert config["finished"] and SAESettings.from_dict(config["sae"]).name == sae
+    assert config["store"]["d"] == 64
     assert (config["centroids"] is not None) == (sae in ("ra", "a"))
 
 
@@ -169,7 +171,7 @@ def test_export_round_trip(store, tmp_path, sae):
     assert res.exit_code == 0, res.output
     t = load_file(tmp_path / "plain.safetensors")
     model = load(tmp_path / "f")
-    x = next(TokenStore(store, split="heldout").batches(64, shuffle=False))
+    x = next(TokenStore(store, part="heldout").batches(64, shuffle=False))
     with torch.no_grad():
         x_hat, codes, _ = model(x)
     pre = (x - t["pre_bias"]) @ t["encoder_weight"].T + t["encoder_bias"]
@@ -194,12 +196,12 @@ def _one_error_line(res) -> str:
 def test_too_few_tokens_for_k_says_the_largest_sensible_k(store):
     line = _one_error_line(cli("centroids", store, "--k", 100000))
     n_train = TokenStore(store).n_tokens
-    assert f"largest sensible K is {n_train // 4}" in line and str(n_train) in line
+    assert f"largest sensible number is {n_train // 4}" in line and str(n_train) in line
 
 
 def test_fewer_centroids_than_concepts(store, tmp_path):
     line = _one_error_line(cli("fit", store, "--sae", "ra", "--out", tmp_path / "f", "--concepts", 100,
-                               "--centroids", "k64-seed0-all"))
+                               "--centroids", "k64-seed0-all-heldout0.1s0"))
     assert "at least 100 centroids" in line and "64" in line
     assert not (tmp_path / "f" / "model.safetensors").exists()
 
@@ -208,11 +210,11 @@ def test_store_fit_mismatch_and_existing_fit(store, tmp_path):
     import zarr
     fit(store, tmp_path / "f", small("topk"), FitSettings(**FAST), progress=False)
     line = _one_error_line(cli("fit", store, "--sae", "topk", "--out", tmp_path / "f"))
-    assert "--resume" in line
+    assert "already holds a fit" in line and "resume" in line
     other = tmp_path / "other.npy"
     np.save(other, np.random.default_rng(0).normal(size=(400, 32)).astype(np.float32))
     assert cli("import", other, "--out", tmp_path / "s2").exit_code == 0
     line = _one_error_line(cli("fit", tmp_path / "s2", "--sae", "topk", "--out", tmp_path / "f", "--resume"))
     assert "another store" in line and "d=64" in line
     line = _one_error_line(cli("fit", store, "--sae", "nope", "--out", tmp_path / "g"))
-    assert "unknown --sae" in line
+    assert "'--sae'" in line and "nope" in line

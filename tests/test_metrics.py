@@ -57,8 +57,8 @@ def test_code_statistics_hand_case():
 
 
 def test_evaluate_and_stability_cli(tmp_path):
-    from archsae.fit.sae import sae_settings
-    from archsae.fit.train import FitSettings, fit
+    from archsae.fit import sae_settings
+    from archsae.fit import FitSettings, fit
 
     x = np.random.default_rng(0).normal(size=(600, 4, 16)).astype(np.float32)
     np.save(tmp_path / "a.npy", x)

@@ -5,8 +5,8 @@ import json
 
 from archsae.evaluate.report import HEADLINE
 from archsae.evaluate.study import stability_study
-from archsae.fit.sae import sae_settings
-from archsae.fit.train import FitSettings
+from archsae.fit import sae_settings
+from archsae.fit import FitSettings
 from conftest import cli
 
 
@@ -16,7 +16,7 @@ def table_rows(md: str, heading: str) -> list[list[str]]:
 
 
 def test_report_tables_match_report_json(fit_store, tmp_path):
-    saes = [sae_settings(s, 64, 32, 4, centroids="k64-seed0-all") for s in ("ra", "a")]
+    saes = [sae_settings(s, 64, 32, 4, centroids="k64-seed0-all-heldout0.1s0") for s in ("ra", "a")]
     stability_study(fit_store, tmp_path / "study", saes, FitSettings(epochs=1, batch_size=256),
                     seeds=2, progress=False)
     res = cli("baselines", fit_store, "--concepts", 8, "--methods", "pca,semi_nmf", "--sample", 512,

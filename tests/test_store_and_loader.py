@@ -8,8 +8,7 @@ import torch
 import zarr
 from hypothesis import given, settings, strategies as st
 
-from archsae.cache import TOKEN_KINDS, StoreSpec, TokenStore, create_or_open, open_store
-from archsae.cache.loader import heldout_images
+from archsae.cache import TOKEN_KINDS, Split, StoreSpec, TokenStore, create_or_open, open_store
 from archsae.cache.store import unit_bounds
 from archsae.extract.run import unit_batches
 from conftest import cli, info_json
@@ -78,7 +77,7 @@ def test_stats_do_not_depend_on_write_order(tmp_path):
 
 def test_loader_is_deterministic_and_resumes_exactly(tmp_path):
     store, _ = make_store(tmp_path / "s", n=60)
-    loader = TokenStore(store, split="all", shuffle_tokens=40)
+    loader = TokenStore(store, part="all", shuffle_tokens=40)
     full = list(loader.batches(16, seed=3, epoch=1))
     assert len(full) == loader.num_batches(16)
     again = list(loader.batches(16, seed=3, epoch=1))
@@ -93,7 +92,7 @@ def test_loader_is_deterministic_and_resumes_exactly(tmp_path):
 
 def test_loader_epoch_is_a_permutation_of_standardised_tokens(tmp_path):
     store, tokens = make_store(tmp_path / "s", n=23, errors={4})
-    loader = TokenStore(store, tokens="patch", split="all", shuffle_tokens=10)
+    loader = TokenStore(store, tokens="patch", part="all", shuffle_tokens=10)
     got = torch.cat(list(loader.batches(7, seed=0, drop_last=False))).numpy().astype(np.float64)
     rows = np.delete(tokens, 4, axis=0)[:, 2:].reshape(-1, tokens.shape[-1]).astype(np.float64)
     expected = (rows - rows.mean(0)) / rows.std(0)
@@ -105,19 +104,19 @@ def test_loader_epoch_is_a_permutation_of_standardised_tokens(tmp_path):
 
 def test_loader_without_shuffle_reads_in_store_order(tmp_path):
     store, tokens = make_store(tmp_path / "s", n=12)
-    loader = TokenStore(store, tokens="cls", split="all", standardize=False)
+    loader = TokenStore(store, tokens="cls", part="all", standardize=False)
     got = torch.cat(list(loader.batches(5, shuffle=False, drop_last=False))).numpy()
     np.testing.assert_array_equal(got, tokens[:, 0])
 
 
 def test_heldout_split_is_by_image_disjoint_and_fixed(tmp_path):
     store, _ = make_store(tmp_path / "s", n=200)
-    train = TokenStore(store, split="train", heldout_fraction=0.2)
-    held = TokenStore(store, split="heldout", heldout_fraction=0.2)
+    train = TokenStore(store, part="train", split=Split(0.2))
+    held = TokenStore(store, part="heldout", split=Split(0.2))
     assert not (train.image_mask & held.image_mask).any()
     assert (train.image_mask | held.image_mask).all()
     assert 20 < held.image_mask.sum() < 60
-    np.testing.assert_array_equal(held.image_mask, heldout_images(200, 0.2, 0))
+    np.testing.assert_array_equal(held.image_mask, Split(0.2).heldout_mask(200))
 
 
 def test_loader_errors_are_one_line(tmp_path):
@@ -149,7 +148,7 @@ def test_import_npy(tmp_path, shape):
     assert info["shape"] == [shape[0], t, shape[-1]] and info["token_kinds"] == {"token": t}
     assert info["complete"] and info["model"] == "imported"
     np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "s").tokens[:]).reshape(shape), x)
-    loader = TokenStore(tmp_path / "s", split="all")
+    loader = TokenStore(tmp_path / "s", part="all")
     assert loader.n_tokens == shape[0] * t
 
 

@@ -6,8 +6,8 @@ import numpy as np
 
 from archsae.cache import TokenStore
 from archsae.evaluate.study import stability_study, study_variants
-from archsae.fit.sae import sae_settings
-from archsae.fit.train import FitSettings
+from archsae.fit import sae_settings
+from archsae.fit import FitSettings
 from conftest import cli
 
 
@@ -21,7 +21,7 @@ def test_subsets_are_fixed_parts_of_the_training_images(fit_store):
 
 
 def test_study_has_the_controls_and_reports_every_pair(fit_store, tmp_path):
-    sae = sae_settings("ra", 64, 32, 4, centroids="k64-seed0-all")
+    sae = sae_settings("ra", 64, 32, 4, centroids="k64-seed0-all-heldout0.1s0")
     assert set(study_variants([sae])) == {"ra", "topk", "topk-centroid-init", "ra-no-projection"}
     assert set(study_variants([sae_settings("topk", 64, 32, 4)])) == {"topk", "topk-centroid-init"}
     assert set(study_variants([sae, sae_settings("a", 64, 32, 4)])) == {
@@ -34,7 +34,7 @@ def test_study_has_the_controls_and_reports_every_pair(fit_store, tmp_path):
     saved = json.loads((tmp_path / "stability.json").read_text())
     assert saved["variants"].keys() == report["variants"].keys()
     res = cli("stability-study", fit_store, "--sae", "ra", "--out", tmp_path, "--seeds", 3,
-              "--concepts", 32, "--top-k", 4, "--centroids", "k64-seed0-all", "--epochs", 1,
+              "--concepts", 32, "--top-k", 4, "--centroids", "k64-seed0-all-heldout0.1s0", "--epochs", 1,
               "--batch-size", 256)  # reuses the finished runs
     assert res.exit_code == 0 and "topk-centroid-init" in res.output and "+-" in res.output
 
@@ -44,4 +44,4 @@ def test_topk_study_finds_centroids_for_its_control(fit_store, tmp_path):
               "--concepts", 32, "--top-k", 4, "--n-centroids", 64, "--epochs", 1, "--batch-size", 256)
     assert res.exit_code == 0, res.output
     config = json.loads((tmp_path / "topk-centroid-init" / "run0" / "config.json").read_text())
-    assert config["centroids"]["name"] == "k64-seed0-all"
+    assert config["centroids"]["name"] == "k64-seed0-all-heldout0.1s0"

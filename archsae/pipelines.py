@@ -1,6 +1,7 @@
-"""The paper's two benchmarks end to end. They chain every stage (images -> extract -> fit ->
-evaluate), so they live here, above the stages; the maths is in `archsae.evaluate`
-(identifiability, plausibility) and the collage images in `archsae.extract.collages`.
+"""Runs that chain stages: the stability study with its shared centroids, and the paper's two
+benchmarks end to end (images -> extract -> fit -> evaluate). They live here, above the stages;
+the maths is in `archsae.evaluate` (study, identifiability, plausibility) and the collage images
+in `archsae.extract.collages`.
 """
 
 import itertools
@@ -13,28 +14,42 @@ from archsae.cache import is_store, open_store
 from archsae.errors import UserError
 from archsae.evaluate.identifiability import ARCHETYPAL, METHODS, POINTS_PER_CENTROID, score_methods
 from archsae.evaluate.plausibility import head_rows, plausibility, random_plausibility
+from archsae.evaluate.study import stability_study
 from archsae.extract.collages import (OBJECT_SETS, PER_COLLAGE, bundled_objects, collage_objects,
                                       folder_objects, presence, write_collages)
 from archsae.extract.presets import build_backbone
 from archsae.extract.run import extract
-from archsae.fit import load
-from archsae.fit.sae import sae_settings
-from archsae.fit.step import FitSettings
-from archsae.fit.train import ensure_centroids, fit
+from archsae.fit import CentroidSettings, FitSettings, centroid_set, fit, load, sae_settings
+
+
+def run_stability_study(store, out, names: list[str], cfg: FitSettings, kmeans: CentroidSettings,
+                        seeds: int, subsets: bool, progress: bool = True, **sae_values) -> dict:
+    """The stability study of the named SAEs and their controls; every variant, the TopK
+    control started at the centroids included, shares one centroid set of the train split."""
+    if seeds < 2:
+        raise UserError(f"{seeds} seeds: stability compares pairs of runs, use at least 2")
+    if not names:
+        raise UserError("no SAE to study: name at least one (e.g. ra,a)")
+    d = open_store(store).d
+    if sae_values.get("centroids") is None:
+        sae_values["centroids"] = centroid_set(store, kmeans, cfg.tokens, cfg.split, progress)
+    saes = [sae_settings(name, d, **sae_values) for name in names]
+    return stability_study(store, out, saes, cfg, seeds, subsets, progress)
 
 
 def run_identifiability(model: str, weights: str, out, n_collages: int = 4000, objects_dir=None,
                         methods=METHODS, seed: int = 0, epochs: int = 200, batch_size: int = 32,
                         device: str | None = None, progress: bool = True) -> dict:
-    """Build (or reuse) each object set's collages and their store, fit every method, score it."""
+    """Build (or reuse) each object set's collages and their store, fit every method, score it.
+    `batch_size` is in images (the backbone's batches)."""
     if n_collages < 20:
-        raise UserError(f"--collages {n_collages} is too few: use at least 20 (4000 by default)")
+        raise UserError(f"{n_collages} collages are too few: use at least 20 (4000 by default)")
     out = Path(out)
     sets = ({Path(objects_dir).name: folder_objects(objects_dir)} if objects_dir else
             {name: bundled_objects(name) for name in OBJECT_SETS})
     for name, objects in sets.items():  # check before any image is made
         if set(methods) & set(ARCHETYPAL) and (n_collages // 2) // POINTS_PER_CENTROID < len(objects):
-            raise UserError(f"--collages {n_collages} is too few for {len(objects)} archetypes "
+            raise UserError(f"{n_collages} collages are too few for {len(objects)} archetypes "
                             f"({name}): use at least {2 * POINTS_PER_CENTROID * len(objects)}")
     report = {"model": model, "collages_per_set": n_collages, "split": "half train, half test",
               "per_collage": PER_COLLAGE, "sets": {}}
@@ -56,8 +71,8 @@ def run_identifiability(model: str, weights: str, out, n_collages: int = 4000, o
 
 
 def run_plausibility(model: str, weights: str, out, store=None, sizes=(512, 2048),
-                     deltas=(0.0, 1.0), epochs: int = 10, n_centroids: int | None = None,
-                     device: str | None = None, progress: bool = True) -> dict:
+                     deltas=(0.0, 1.0), cfg: FitSettings = FitSettings(),
+                     centroids: CentroidSettings = CentroidSettings(), progress: bool = True) -> dict:
     """Fit TopK and archetypal SAEs (one per delta) at each size on the store (extracted from
     the demo data when not given), and score their atoms against the head."""
     out = Path(out)
@@ -65,29 +80,19 @@ def run_plausibility(model: str, weights: str, out, store=None, sizes=(512, 2048
     rows, mapping = head_rows(backbone.model)  # refuse a headless backbone before any work
     store = Path(store) if store else out / "store"
     if not is_store(store):
-        extract(model, "demo", store, weights=weights, device=device, progress=progress)
+        extract(model, "demo", store, weights=weights, device=cfg.device, progress=progress)
     opened = open_store(store)
-    if opened.attrs.get("model") != model:
-        raise UserError(f"{store} was made by {opened.attrs.get('model')!r}, not {model!r}: "
-                        "pass its store or leave --store out")
-    if backbone.weights != opened.attrs["weights"]:
-        raise UserError(f"{store} holds activations of weights {opened.attrs['weights']}, the head "
-                        f"is from {backbone.weights}: pass the same --weights")
-    if opened.attrs.get("layer") != "forward_features" or rows.shape[1] != opened.d:
-        raise UserError(f"{store} holds layer {opened.attrs.get('layer')} ({opened.d} features); "
-                        f"the head reads the last layer's {rows.shape[1]}: extract without --layer")
-    cfg = FitSettings(epochs=epochs, device=device)
-    probe = sae_settings("ra", opened.d, max(sizes), decoder_init="centroids")
-    ensure_centroids(store, probe, cfg, n_centroids, progress)
-    n_points = len(opened.load_centroids(probe.centroids)[0])
+    _check_plausibility_store(opened, model, backbone.weights, rows.shape[1])
+    points = centroid_set(store, centroids, cfg.tokens, cfg.split, progress)
+    n_points = len(opened.load_centroids(points)[0])
     if n_points < max(sizes):
         raise UserError(f"{max(sizes)} archetypal atoms need at least as many centroids, the set "
-                        f"{probe.centroids} has {n_points}: raise --n-centroids or lower --sizes")
+                        f"{points} has {n_points}: compute more centroids or use smaller sizes")
     report = {"model": model, "weights": opened.attrs["weights"], "store": str(store),
               "head": mapping, "classes": int(rows.shape[0]), "rows": []}
     variants = [("topk", None)] + [("ra" if delta > 0 else "a", delta) for delta in deltas]
     for size, (sae, delta) in itertools.product(sizes, variants):
-        settings = sae_settings(sae, opened.d, size, delta=delta, centroids=probe.centroids)
+        settings = sae_settings(sae, opened.d, concepts=size, delta=delta, centroids=points)
         run = out / (f"{sae}-k{size}" + ("" if delta is None else f"-delta{delta:g}"))
         fit(store, run, settings, cfg, resume=True, progress=progress)
         trained = load(run)
@@ -99,3 +104,15 @@ def run_plausibility(model: str, weights: str, out, store=None, sizes=(512, 2048
                                "plausibility": random_plausibility(rows, size, std)})
     return report
 
+
+def _check_plausibility_store(opened, model: str, weights: str, d_head: int) -> None:
+    """The store must hold the last layer of the same model and weights as the head."""
+    if opened.attrs.get("model") != model:
+        raise UserError(f"{opened.path} was made by {opened.attrs.get('model')!r}, not {model!r}: "
+                        "pass its store or leave the store out")
+    if weights != opened.attrs["weights"]:
+        raise UserError(f"{opened.path} holds activations of weights {opened.attrs['weights']}, the "
+                        f"head is from {weights}: use the same weights")
+    if opened.attrs.get("layer") != "forward_features" or d_head != opened.d:
+        raise UserError(f"{opened.path} holds layer {opened.attrs.get('layer')} ({opened.d} "
+                        f"features); the head reads the last layer's {d_head}: extract the last layer")
