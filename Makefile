@@ -19,7 +19,7 @@ DEMO   := $(RUNS)/demo
 # the demo's dictionaries: small enough for 2 CPU cores in minutes
 DEMO_FIT := --concepts 256 --top-k 16 --n-centroids 512 --epochs 5
 
-.PHONY: venv browser-deps demo extract info centroids fit evaluate stability baselines identifiability plausibility report browse test bench clean
+.PHONY: venv browser-deps demo extract info centroids fit evaluate stability baselines identifiability plausibility report browse test test-fast bench clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -51,9 +51,9 @@ extract: venv
 info: venv
 	$(BIN)/archsae info $(STORE)
 
-## centroids: K-means archetype points of a store (K=32000 by default, as in the paper)
+## centroids: K-means archetype points of a store's train split (K, default min(32000, train tokens / 4), as in the paper)
 centroids: venv
-	$(BIN)/archsae centroids $(STORE) --k $(or $(K),32000)
+	$(BIN)/archsae centroids $(STORE) $(if $(K),--n-centroids $(K))
 
 ## fit: SAE=ra|a|topk|batchtopk|jumprelu|relu on the store of MODEL/DATA; centroids (K, default min(32000, tokens/4)) are computed when missing
 fit: venv
@@ -97,13 +97,17 @@ browser-deps:
 test: venv browser-deps
 	$(BIN)/python -m pytest
 
+## test-fast: the tests that stay in this process (no kills, torchrun or browser)
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
+
 REFERENCE := .bench/reference
 $(REFERENCE)/.installed:
 	$(BIN)/pip install --quiet --no-deps --target $(REFERENCE) overcomplete==0.3.0 einops opencv-python-headless 'matplotlib<3.9'
 	touch $@
 
 bench: venv $(REFERENCE)/.installed
-	test -d $(RUNS)/demo/vit || $(MAKE) demo
+	$(BIN)/archsae info $(RUNS)/demo/vit >/dev/null 2>&1 || $(MAKE) demo
 	$(BIN)/python -m benchmarks.extract
 	$(BIN)/python -m benchmarks.loader
 	$(BIN)/python -m benchmarks.codecs

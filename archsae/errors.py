@@ -15,11 +15,11 @@ class UserError(Exception):
 
 
 class InvalidSetting(UserError):
-    """A setting out of its range or choices; `template` holds `{name}` where it is named."""
+    """A bad setting; `template` holds the literal text `{name}` where the setting is named."""
 
     def __init__(self, setting: str, template: str):
-        super().__init__(template.format(name=setting))
+        super().__init__(template.replace("{name}", setting))
         self.setting, self.template = setting, template
 
     def named(self, name: str) -> str:
-        return " ".join(self.template.format(name=name).split())
+        return " ".join(self.template.replace("{name}", name).split())

@@ -20,8 +20,10 @@ def sample_activations(path: str | None) -> np.ndarray:
     if path is None:
         from archsae.extract.run import extract
 
-        path = tempfile.mkdtemp() + "/store"
-        extract("vit", "demo", path, weights="auto", limit=32, progress=False, demo_images=32)
+        with tempfile.TemporaryDirectory(prefix="archsae-bench-") as work:
+            extract("vit", "demo", f"{work}/store", weights="auto", limit=32, progress=False,
+                    demo_images=32)
+            return sample_activations(f"{work}/store")
     store = open_store(path)
     return np.asarray(store.tokens[: store.chunk_images]).astype(np.float16)
 

@@ -1,6 +1,6 @@
-"""Shared by the benchmarks: a store of real activations, and the RESULT line."""
+"""Shared by the benchmarks: a store of real activations, and the RESULT line. Benchmarks work
+in `tempfile.TemporaryDirectory()` folders, so nothing is left behind."""
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +11,9 @@ def result(name: str, value: float, op: str, target: float) -> None:
     print(f"RESULT {name} {value:.3f} target {op} {target}")
 
 
-def real_activation_store(n_images: int, workdir: str | None = None, model: str = "vit"):
-    """A store of `n_images` x 197 x 768 float16 tokens of a ViT-B over the demo photos.
+def real_activation_store(n_images: int, workdir, model: str = "vit"):
+    """A store of `n_images` x 197 x 768 float16 tokens of a ViT-B over the demo photos, in
+    `workdir` (a temporary folder of the caller's).
 
     32 images are really extracted (pretrained weights when cached, else random); the rest
     repeat them with a small per-image perturbation, so chunks compress like real data.
@@ -20,7 +21,7 @@ def real_activation_store(n_images: int, workdir: str | None = None, model: str 
     from archsae.cache import StoreSpec, create_or_open, open_store
     from archsae.extract.run import extract
 
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="archsae-bench-"))
+    workdir = Path(workdir)
     seed_store = extract(model, "demo", workdir / "seed", weights="auto", limit=32,
                          progress=False, demo_images=32)
     real = np.asarray(seed_store.tokens[:]).astype(np.float32)

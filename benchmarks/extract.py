@@ -51,10 +51,11 @@ def main() -> None:
     backbone = build_backbone(args.model, "random")
 
     def timed_extract(limit: int) -> float:
-        t = time.perf_counter()
-        extract(args.model, data, tempfile.mkdtemp() + "/store", weights="random", limit=limit,
-                batch_size=args.batch_size, progress=False, demo_images=2 * n)
-        return time.perf_counter() - t
+        with tempfile.TemporaryDirectory(prefix="archsae-bench-") as work:
+            t = time.perf_counter()
+            extract(args.model, data, f"{work}/store", weights="random", limit=limit,
+                    batch_size=args.batch_size, progress=False, demo_images=2 * n)
+            return time.perf_counter() - t
 
     bare, ours, start = [], [], []
     for _ in range(args.repeat):  # interleaved pairs; the median ratio is reported

@@ -5,14 +5,15 @@ against the same model fed batches from a tensor already in memory (same batch, 
 """
 
 import argparse
+import tempfile
 import time
 
 import torch
 
 from benchmarks.common import real_activation_store, result
 from archsae.cache import TokenStore
-from archsae.fit.sae import sae_settings
-from archsae.fit.step import FitSettings, TrainingStep
+from archsae.fit import FitSettings, sae_settings
+from archsae.fit.step import TrainingStep
 
 
 def steps_per_s(learner, batches, n: int) -> float:
@@ -29,8 +30,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=1024)
     args = ap.parse_args()
-    store = real_activation_store(args.images)
-    loader = TokenStore(store, split="all")
+    with tempfile.TemporaryDirectory(prefix="archsae-bench-") as work:
+        measure(real_activation_store(args.images, work), args)
+
+
+def measure(store, args) -> None:
+    loader = TokenStore(store, part="all")
     memory = torch.cat(list(loader.batches(args.batch_size, seed=1)))  # standardised, in RAM
     sae = sae_settings("topk", store.d)
     rates = {"store": [], "memory": []}

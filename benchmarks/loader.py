@@ -5,6 +5,7 @@ plain sequential read of the same array into memory, in one run on the same stor
 """
 
 import argparse
+import tempfile
 import time
 
 import numpy as np
@@ -20,11 +21,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    store = real_activation_store(args.images)
+    with tempfile.TemporaryDirectory(prefix="archsae-bench-") as work:
+        measure(real_activation_store(args.images, work), args)
+
+
+def measure(store, args) -> None:
     n_tokens = store.n_images * store.n_tokens
     seq, seq_into, ours = [], [], []
     into = NDBuffer.from_numpy_array(np.empty(store.tokens.shape, store.tokens.dtype))
-    loader = TokenStore(store, split="all")
+    loader = TokenStore(store, part="all")
     for r in range(args.repeat):  # interleaved, median of each: both see the same machine state
         t = time.perf_counter()
         data = np.asarray(store.tokens[:])

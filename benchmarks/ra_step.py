@@ -41,8 +41,8 @@ def timed(step, x, steps: int) -> float:
 
 
 def ours(args) -> dict:
-    from archsae.fit.sae import sae_settings
-    from archsae.fit.step import FitSettings, TrainingStep
+    from archsae.fit import FitSettings, sae_settings
+    from archsae.fit.step import TrainingStep
 
     g = torch.Generator().manual_seed(0)
     points = torch.randn(args.centroids, args.d, generator=g)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from archsae.errors import UserError
+from archsae.errors import InvalidSetting, UserError
 from archsae.cache.store import TOKEN_KINDS, StoreSpec, create_or_open, default_chunk_images
 
 
@@ -32,8 +32,8 @@ def open_array(src: str, key: str | None = None):
         handle = safe_open(str(path), framework="pt")
         names = list(handle.keys())
         if key is None and len(names) != 1:
-            raise UserError(f"{src} holds {len(names)} tensors ({', '.join(names[:8])}): choose one "
-                            "with --key")
+            raise InvalidSetting("key", f"{src} holds {len(names)} tensors ({', '.join(names[:8])}): "
+                                        "choose one with {name}")
         name = key or names[0]
         if name not in names:
             raise UserError(f"{src} has no tensor {name!r}: choose one of {', '.join(names[:8])}")
@@ -44,7 +44,7 @@ def open_array(src: str, key: str | None = None):
         node = zarr.open(str(path), mode="r")
         if isinstance(node, zarr.Group):
             if key is None or key not in node:
-                raise UserError(f"{src} is a zarr group: choose an array in it with --key "
+                raise InvalidSetting("key", f"{src} is a zarr group: choose an array in it with {{name}} "
                                 f"(one of {', '.join(list(node.array_keys())[:8])})")
             node = node[key]
         arr = node

@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from archsae.errors import UserError
+from archsae.errors import InvalidSetting, UserError
 from archsae.files import temporary_sibling
 from archsae.cache.stats import merge_moments, moments, standard_deviation
 
@@ -196,8 +196,8 @@ class ActivationStore:
         codes = [TOKEN_KINDS.index(k) for k in kinds]
         pos = np.flatnonzero(np.isin(self.token_kind, codes))
         if len(pos) == 0:
-            raise UserError(f"{self.path} has no {'/'.join(kinds)} tokens (it has "
-                            f"{self.kind_counts()}): choose --tokens among those")
+            raise InvalidSetting("tokens", f"{self.path} has no {'/'.join(kinds)} tokens (it has "
+                                           f"{self.kind_counts()}): choose {{name}} among those")
         return pos
 
     # -- progress -------------------------------------------------------------------------
@@ -216,9 +216,9 @@ class ActivationStore:
             if self.attrs.get(key) != wanted.get(key):
                 what = {"model": "model", "timm_name": "backbone", "weights": "weights",
                         "source_hash": "data"}.get(key, key)
-                raise UserError(
-                    f"{self.path} already holds a store with another {what} "
-                    f"({self.attrs.get(key)!r}, not {wanted.get(key)!r}): pass another --out "
+                raise InvalidSetting(
+                    "out", f"{self.path} already holds a store with another {what} "
+                    f"({self.attrs.get(key)!r}, not {wanted.get(key)!r}): pass another {{name}} "
                     "or delete that folder")
 
     # -- writing --------------------------------------------------------------------------

@@ -84,6 +84,13 @@ def _page(title: str, body: str, depth: int = 0) -> str:
             f"<script src='{up}site.js'></script></body></html>")
 
 
+def _figures_page(title: str, heading: str, intro: str, section: str, figures: list[str]) -> str:
+    """A page one folder down: back link, heading, intro, then a grid of figures."""
+    body = (f"<p><a href='../index.html'>all concepts</a></p><h1>{heading}</h1>{intro}"
+            f"<h2>{section}</h2><div class='grid'>{''.join(figures)}</div>")
+    return _page(title, body, 1)
+
+
 def concept_name(c: int) -> str:
     return f"c{c:05d}"
 
@@ -163,19 +170,15 @@ class _Site:
             facts.append(f"match against {html.escape(str(self.against))}: {self.match[c]:.3f}")
         if self.centroids is not None:
             facts.append(f"nearest centroids {self.centroids[c]}")
-        body = (f"<p><a href='../index.html'>all concepts</a></p><h1>Concept {c}</h1>"
-                f"<p>{' · '.join(facts)}</p><p>most similar atoms (cosine): {near}</p>"
-                f"<h2>Top {len(imgs)} images</h2><div class='grid'>"
-                + "".join(self.figure(i, c, "image") for i in imgs) + "</div>")
-        return _page(f"concept {c}", body, 1)
+        return _figures_page(f"concept {c}", f"Concept {c}", f"<p>{' · '.join(facts)}</p><p>most "
+                             f"similar atoms (cosine): {near}</p>", f"Top {len(imgs)} images",
+                             [self.figure(i, c, "image") for i in imgs])
 
     def image_page(self, i: int) -> str:
         strongest = [c for c, _ in self.tops.image_concepts.get(i, []) if (i, c) in self.tops.heatmaps]
-        body = (f"<p><a href='../index.html'>all concepts</a></p><h1>Image {html.escape(str(self.keys[i]))}</h1>"
-                f"<p><img src='../img/{image_name(i)}.jpg' width='224' height='224'></p>"
-                f"<h2>Strongest concepts</h2><div class='grid'>"
-                + "".join(self.figure(i, c, "concept") for c in strongest) + "</div>")
-        return _page(f"image {self.keys[i]}", body, 1)
+        return _figures_page(f"image {self.keys[i]}", f"Image {html.escape(str(self.keys[i]))}",
+                             f"<p><img src='../img/{image_name(i)}.jpg' width='224' height='224'></p>",
+                             "Strongest concepts", [self.figure(i, c, "concept") for c in strongest])
 
     def index_row(self, c: int) -> str:
         tops = self.tops

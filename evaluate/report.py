@@ -166,35 +166,8 @@ def write_plots(report: dict, out: Path) -> dict[str, str]:
         plt.close(fig)
         plots[name] = title
 
-    methods = report["methods"]
-    if methods:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in methods:
-            ax.scatter(r["l0"], r["r2"], marker="o" if r["family"] == "sae" else "s")
-            ax.annotate(r["method"], (r["l0"], r["r2"]), fontsize=7)
-        ax.set(xscale="log", xlabel="L0 (active codes per token)", ylabel="held-out R^2")
-        save(fig, "r2_vs_l0.png", "R^2 vs L0 per method")
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        names = [r["method"] for r in methods]
-        for i, key in enumerate(("stability_seeds", "stability_subsets")):
-            vals = [r.get(key) or 0 for r in methods]
-            errs = [r.get(key + "_sd") or 0 for r in methods]
-            ax.bar(np.arange(len(names)) + 0.4 * i, vals, 0.4, yerr=errs, label=LABELS[key])
-        ax.set_xticks(np.arange(len(names)) + 0.2, names, rotation=45, ha="right", fontsize=7)
-        ax.set(ylabel="mean |cos| after matching", ylim=(0, 1.05))
-        ax.legend(fontsize=7)
-        save(fig, "stability.png", "Stability with controls")
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        bins = np.linspace(-6, 0, 49)
-        for r in methods:
-            freq = np.asarray(next(iter(r["metrics"].values()))["firing_frequency"])
-            ax.hist(np.log10(freq[freq > 0]).clip(-6, 0), bins=bins, histtype="step", label=r["method"])
-        ax.set(xlabel="log10 firing frequency (dead codes left out)", ylabel="atoms")
-        ax.legend(fontsize=6)
-        save(fig, "code_frequency.png", "Code-frequency histograms")
-
+    if report["methods"]:
+        _method_plots(plt, report["methods"], save)
     if report["training_curves"]:
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
         for name, c in report["training_curves"].items():
@@ -204,7 +177,6 @@ def write_plots(report: dict, out: Path) -> dict[str, str]:
         axes[1].set(xlabel="step", ylabel="dead fraction")
         axes[0].legend(fontsize=6)
         save(fig, "training_curves.png", "Training curves (first run of each variant)")
-
     plaus = report["plausibility"]
     if plaus:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -216,6 +188,36 @@ def write_plots(report: dict, out: Path) -> dict[str, str]:
         ax.legend(fontsize=7)
         save(fig, "plausibility.png", "Plausibility vs dictionary size")
     return plots
+
+
+def _method_plots(plt, methods: list[dict], save) -> None:
+    """R^2 vs L0, stability with its controls, code-frequency histograms."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in methods:
+        ax.scatter(r["l0"], r["r2"], marker="o" if r["family"] == "sae" else "s")
+        ax.annotate(r["method"], (r["l0"], r["r2"]), fontsize=7)
+    ax.set(xscale="log", xlabel="L0 (active codes per token)", ylabel="held-out R^2")
+    save(fig, "r2_vs_l0.png", "R^2 vs L0 per method")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [r["method"] for r in methods]
+    for i, key in enumerate(("stability_seeds", "stability_subsets")):
+        vals = [r.get(key) or 0 for r in methods]
+        errs = [r.get(key + "_sd") or 0 for r in methods]
+        ax.bar(np.arange(len(names)) + 0.4 * i, vals, 0.4, yerr=errs, label=LABELS[key])
+    ax.set_xticks(np.arange(len(names)) + 0.2, names, rotation=45, ha="right", fontsize=7)
+    ax.set(ylabel="mean |cos| after matching", ylim=(0, 1.05))
+    ax.legend(fontsize=7)
+    save(fig, "stability.png", "Stability with controls")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(-6, 0, 49)
+    for r in methods:
+        freq = np.asarray(next(iter(r["metrics"].values()))["firing_frequency"])
+        ax.hist(np.log10(freq[freq > 0]).clip(-6, 0), bins=bins, histtype="step", label=r["method"])
+    ax.set(xlabel="log10 firing frequency (dead codes left out)", ylabel="atoms")
+    ax.legend(fontsize=6)
+    save(fig, "code_frequency.png", "Code-frequency histograms")
 
 
 def build_report(out, **inputs) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from archsae.errors import UserError
+from archsae.errors import InvalidSetting, UserError
 from archsae.extract.demo_data import load_photo, write_shards
 from archsae.extract.sources import is_image_file
 
@@ -34,7 +34,8 @@ def folder_objects(folder) -> list[tuple[str, np.ndarray]]:
     """One object per image file of `folder` (sorted by name)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"--objects {folder} is not a folder: give a folder with one image per object")
+        raise InvalidSetting("objects", f"{{name}} {folder} is not a folder: give a folder with one "
+                                        "image per object")
     objects = []
     for path in sorted(p for p in folder.iterdir() if is_image_file(p)):
         try:
@@ -44,7 +45,7 @@ def folder_objects(folder) -> list[tuple[str, np.ndarray]]:
             raise UserError(f"{path} is not a readable image ({type(exc).__name__}): "
                             "remove it or replace it") from None
     if len(objects) <= PER_COLLAGE:
-        raise UserError(f"--objects {folder} has {len(objects)} images: the benchmark needs more "
+        raise InvalidSetting("objects", f"{{name}} {folder} has {len(objects)} images: the benchmark needs more "
                         f"than {PER_COLLAGE} objects (9 to 20 is usual)")
     return objects
 

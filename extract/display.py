@@ -4,7 +4,7 @@ import io
 
 from PIL import Image
 
-from archsae.errors import UserError
+from archsae.errors import InvalidSetting, UserError
 from archsae.extract.sources import open_source
 
 
@@ -24,11 +24,11 @@ class StoreImages:
         try:
             self.source = open_source(location)
         except UserError as exc:
-            raise UserError(f"the images of {store.path} are not at {location} ({exc}): "
-                            "pass --data with where they are now") from None
+            raise InvalidSetting("data", f"the images of {store.path} are not at {location} ({exc}): "
+                                         "pass {name} with where they are now") from None
         if self.source.manifest_hash() != store.attrs.get("source_hash"):
-            raise UserError(f"the images at {location} are not the ones {store.path} was extracted "
-                            "from: pass --data with the original images")
+            raise InvalidSetting("data", f"the images at {location} are not the ones {store.path} was "
+                                         "extracted from: pass {name} with the original images")
         cfg = store.attrs["preprocessing"]
         transform = timm.data.create_transform(
             input_size=tuple(cfg["input_size"]), interpolation=cfg.get("interpolation", "bicubic"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from archsae.errors import UserError
+from archsae.errors import InvalidSetting, UserError
 from archsae.cache import TOKEN_KINDS
 
 # name -> (timm model, extra create_model arguments). Token counts are at 224 x 224.
@@ -125,7 +125,7 @@ def build_backbone(model: str, weights: str = "pretrained", layer: int | None = 
     if layer is not None:
         n_blocks = len(getattr(net, "blocks", [])) or len(getattr(net, "feature_info", []))
         if not hasattr(net, "forward_intermediates") or not (-n_blocks <= layer < n_blocks):
-            raise UserError(f"--layer {layer} is out of range for {name}: use 0..{n_blocks - 1} "
+            raise InvalidSetting("layer", f"{{name}} {layer} is out of range for {name}: use 0..{n_blocks - 1} "
                             "or leave it out for the last layer")
     return backbone
 
@@ -147,13 +147,13 @@ def _create(timm, name: str, kwargs: dict, weights: str):
         try:
             net = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as exc:
-            raise UserError(f"could not load pretrained weights for {name} "
-                            f"({type(exc).__name__}): put them in the Hugging Face cache, pass "
-                            "--weights PATH to a .safetensors file, or --weights random") from None
+            raise InvalidSetting("weights", f"could not load pretrained weights for {name} "
+                                 f"({type(exc).__name__}): put them in the Hugging Face cache, "
+                                 "give {name} a .safetensors file, or random weights") from None
         return net, f"pretrained:{net.pretrained_cfg.get('hf_hub_id') or name}"
     path = Path(weights)
     if not path.is_file():
-        raise UserError(f"--weights {weights!r} is neither a file nor one of: {WEIGHT_CHOICES}")
+        raise InvalidSetting("weights", f"{{name}} {weights!r} is neither a file nor one of: {WEIGHT_CHOICES}")
     if path.suffix != ".safetensors":
         raise UserError(f"{path} is not a .safetensors file: archsae never unpickles weights; "
                         "convert it with safetensors.torch.save_file")

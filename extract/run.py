@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from archsae.devices import resolve_device
-from archsae.errors import UserError
+from archsae.errors import InvalidSetting, UserError
 from archsae.cache import StoreSpec, create_or_open, default_chunk_images, is_store, open_store
 from archsae.extract.presets import build_backbone
 from archsae.extract.sources import ImageSource, open_source
@@ -44,7 +44,7 @@ def resolve_ranks(rank: int | None, world: int | None) -> Ranks:
     if rank is not None or world is not None:
         rank, world = rank or 0, world or 1
         if not 0 <= rank < world:
-            raise UserError(f"--rank {rank} is not in 0..{world - 1}: give 0 <= rank < world")
+            raise InvalidSetting("rank", f"{{name}} {rank} is not in 0..{world - 1}: give 0 <= rank < world")
         return Ranks(rank, world, False)
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if env_world > 1:
@@ -95,33 +95,25 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
             device: str | None = None, demo_images: int = 256, progress: bool = True):
     """Fill (or finish) the store at `out`; returns the open store."""
     if on_error not in ON_ERROR:
-        raise UserError(f"--on-error {on_error!r} is not one of {', '.join(ON_ERROR)}")
-    if batch_size < 1 or (limit is not None and limit < 1):
-        raise UserError("--batch-size and --limit must be positive integers")
+        raise InvalidSetting("on_error", f"{{name}} {on_error!r} is not one of {', '.join(ON_ERROR)}")
+    if batch_size < 1:
+        raise InvalidSetting("batch_size", f"{{name}} {batch_size} must be a positive number of images")
+    if limit is not None and limit < 1:
+        raise InvalidSetting("limit", f"{{name}} {limit} must be a positive number of images")
     if is_store(out):  # refuse a foreign store before building anything
         existing = open_store(out).attrs
         if existing.get("model") != model:
-            raise UserError(f"{out} already holds a store made by model {existing.get('model')!r}, "
-                            f"not {model!r}: pass another --out or delete that folder")
+            raise InvalidSetting("out", f"{out} already holds a store made by model "
+                                        f"{existing.get('model')!r}, not {model!r}: pass another "
+                                        "{name} or delete that folder")
     ranks = resolve_ranks(rank, world)
     device = resolve_device(device)
     if ranks.distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     source = open_source(resolve_data(data, demo_images)).limit(limit)
     backbone = build_backbone(model, weights, layer, device)
-    kinds, grid, d, d_pooled = backbone.token_layout()
     itemsize = np.dtype(dtype).itemsize
-    spec = StoreSpec(
-        n_images=len(source), token_kind=kinds, d=d, d_pooled=d_pooled, dtype=dtype,
-        chunk_images=chunk_images or default_chunk_images(len(source), len(kinds), d, itemsize),
-        provenance={
-            "model": model, "timm_name": backbone.timm_name, "weights": backbone.weights,
-            "layer": "forward_features" if layer is None else layer,
-            "preprocessing": {k: list(v) if isinstance(v, tuple) else v
-                              for k, v in backbone.data_config.items()},
-            "patch_grid": grid, "source": source.describe(),
-            "source_hash": source.manifest_hash(),
-        })
+    spec = _store_spec(model, backbone, source, layer, dtype, chunk_images)
     if ranks.distributed:  # rank 0 creates; a refusal reaches every rank, none waits forever
         problem = [None]
         if ranks.rank == 0:
@@ -154,6 +146,23 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
     return store
 
 
+def _store_spec(model: str, backbone, source, layer, dtype: str, chunk_images: int | None) -> StoreSpec:
+    """What the store of this backbone over this source holds, with its provenance."""
+    kinds, grid, d, d_pooled = backbone.token_layout()
+    itemsize = np.dtype(dtype).itemsize
+    return StoreSpec(
+        n_images=len(source), token_kind=kinds, d=d, d_pooled=d_pooled, dtype=dtype,
+        chunk_images=chunk_images or default_chunk_images(len(source), len(kinds), d, itemsize),
+        provenance={
+            "model": model, "timm_name": backbone.timm_name, "weights": backbone.weights,
+            "layer": "forward_features" if layer is None else layer,
+            "preprocessing": {k: list(v) if isinstance(v, tuple) else v
+                              for k, v in backbone.data_config.items()},
+            "patch_grid": grid, "source": source.describe(),
+            "source_hash": source.manifest_hash(),
+        })
+
+
 def _check_disk(out, spec: StoreSpec, itemsize: int) -> None:
     """Refuse to start when the uncompressed tokens would not fit on the disk of `out`."""
     probe = os.path.abspath(out)
@@ -166,7 +175,7 @@ def _check_disk(out, spec: StoreSpec, itemsize: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < need:
         raise UserError(f"not enough free disk for {out}: about {need / 1e9:.2f} GB needed, "
-                        f"{free / 1e9:.2f} GB free: free some space or pass another --out")
+                        f"{free / 1e9:.2f} GB free: free some space or write to another folder")
 
 
 def _run_units(store, source, backbone, units, batch_size, on_error, workers, device, progress,
@@ -200,9 +209,9 @@ def _run_units(store, source, backbone, units, batch_size, on_error, workers, de
                 buf.labels[i - start] = source.records[i].label
                 if err:
                     if on_error == "fail":
-                        raise UserError(f"cannot read image {source.records[i].key} in "
-                                        f"{source.records[i].path}: {err}: fix or remove it, or "
-                                        "pass --on-error skip")
+                        raise InvalidSetting("on_error", f"cannot read image {source.records[i].key} "
+                                             f"in {source.records[i].path}: {err}: fix or remove "
+                                             "it, or pass {name} skip")
                     buf.errors[i - start] = err
             if ok:
                 images = torch.stack([x for _, x in ok]).to(device, non_blocking=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from archsae.errors import UserError
+from archsae.errors import InvalidSetting, UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
 
@@ -81,8 +81,8 @@ def open_source(spec: str) -> ImageSource:
         shards = list(braceexpand(spec))
         missing = [s for s in shards if not Path(s).is_file()]
         if missing:
-            raise UserError(f"data shard {missing[0]} does not exist ({len(missing)} of "
-                            f"{len(shards)} missing): check the --data pattern")
+            raise InvalidSetting("data", f"data shard {missing[0]} does not exist ({len(missing)} of "
+                                         f"{len(shards)} missing): check the {{name}} pattern")
         return _tar_source(spec, shards)
     raise UserError(f"data path {spec} does not exist: pass an image folder, a .tar shard or a "
                     "brace pattern like /data/train-{000000..000009}.tar, or demo")

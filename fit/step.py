@@ -58,7 +58,7 @@ class TrainingStep:
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8,
                                           fused=device.type in ("cpu", "cuda"))
         self.step = 0
-        self.penalty_coef = torch.tensor(1e-2, device=device)
+        self.penalty_coef = torch.tensor(1e-2, dtype=torch.float64, device=device)
         self.silent_tokens = torch.zeros(sae.concepts, dtype=torch.int64, device=device)
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -77,7 +77,7 @@ class TrainingStep:
             l0 = (codes.dense > 0).float().sum(-1).mean()
             if model.encoder.penalised:
                 penalty = model.encoder.penalty(pre, codes, atoms.norm(dim=-1)) / s.top_k
-                loss = loss + self.penalty_coef * penalty
+                loss = loss + self.penalty_coef.float() * penalty
             dead = self.silent_tokens >= cfg.dead_tokens
             aux = torch.zeros((), device=x.device)
             if self.step * len(x) >= cfg.dead_tokens:  # before that no code can be dead yet
@@ -93,7 +93,7 @@ class TrainingStep:
             fired = (codes.dense > 0).any(0)
             self.silent_tokens = torch.where(fired, 0, self.silent_tokens + len(x))
             if model.encoder.penalised:  # steer the penalty towards the target L0
-                ratio = (l0 / s.top_k - 1.0).clamp(-1.0, 1.0)
+                ratio = (l0.double() / s.top_k - 1.0).clamp(-1.0, 1.0)
                 self.penalty_coef = (self.penalty_coef * torch.exp(0.01 * ratio)).clamp(1e-6, 1e3)
             centred = x - x.mean(0)
             r2 = 1.0 - err.pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12)

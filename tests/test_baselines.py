@@ -8,6 +8,7 @@ import torch
 
 from archsae.evaluate.baselines import (BASELINES, convex_nmf, evaluate_baselines, fit_baseline,
                                         nonnegative_codes, semi_nmf)
+from archsae.cache import TokenStore
 from conftest import cli
 
 
@@ -51,6 +52,11 @@ def test_every_baseline_gets_the_sae_metrics(fit_store, tmp_path):
         assert 0 < b["stability"]["mean"] <= 1 + 1e-9 and len(b["stability"]["pairs"]) == 1
     assert report["baselines"]["kmeans"]["metrics"]["all"]["l0"] == 1.0
     assert report["baselines"]["pca"]["metrics"]["all"]["l0"] == 8.0
+    # PCA's held-out R^2 recomputed densely: the same sample refitted, every held-out token at once
+    train = TokenStore(fit_store, part="train")
+    pca = fit_baseline("pca", torch.from_numpy(train.sample(1024, seed=1000)), 8, 0)
+    held = torch.cat(list(TokenStore(fit_store, part="heldout").batches(4096, shuffle=False, drop_last=False)))
+    assert report["baselines"]["pca"]["metrics"]["all"]["r2"] == pytest.approx(r2(held.double(), pca(held)[0]), abs=1e-6)
     res = cli("baselines", fit_store, "--concepts", 4, "--methods", "pca,kmeans", "--sample", 512,
               "--json", tmp_path / "b.json")
     assert res.exit_code == 0, res.output

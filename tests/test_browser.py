@@ -86,6 +86,7 @@ def browser():
     driver.quit()
 
 
+@pytest.mark.slow
 def test_site_in_headless_chromium(site, browser, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from archsae.cache import TOKEN_KINDS, open_store
 from archsae.extract.demo_data import write_demo_shards
-from archsae.extract.presets import build_backbone
+from archsae.extract.presets import PRESETS, build_backbone
 from archsae.extract.sources import open_source
 from conftest import TINY, cli, cli_process, output, info_json, listing
 
@@ -40,7 +40,7 @@ def test_preset_token_layout(preset, demo_shards, tmp_path):
     assert info["shape"] == [2, sum(kinds.values()), d]
     assert info["patch_grid"] == grid
     assert info["complete"] and info["weights"] == "random:seed0"
-    assert info["model"] == preset and info["timm_name"].split(".")[0] in info["timm_name"]
+    assert info["model"] == preset and info["timm_name"] == PRESETS[preset][0]
     store = open_store(tmp_path / "s")
     assert store.group["pooled"].shape == (2, d)
     assert np.isfinite(np.asarray(store.tokens[:], np.float32)).all()
@@ -138,6 +138,7 @@ def _assert_same_store(a, b):
                                       np.asarray(b.group[f"stats/{name}"][:]))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_tokens(reference_store, tmp_path):
     data, ref = reference_store
     out = tmp_path / "s"
@@ -155,6 +156,7 @@ def test_resume_after_sigkill_gives_the_same_tokens(reference_store, tmp_path):
     _assert_same_store(open_store(out), ref)
 
 
+@pytest.mark.slow
 def test_two_processes_by_rank_equal_one(reference_store, tmp_path):
     data, ref = reference_store
     out = tmp_path / "s"
@@ -169,6 +171,7 @@ def test_two_processes_by_rank_equal_one(reference_store, tmp_path):
     _assert_same_store(open_store(out), ref)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_one(reference_store, tmp_path):
     data, ref = reference_store
     out = tmp_path / "s"
@@ -305,6 +308,7 @@ def test_demo_data_is_deterministic(tmp_path):
     assert len({r.label for r in a.records}) == 8  # a different photo for each of the first 8
 
 
+@pytest.mark.slow
 def test_torchrun_refusal_reaches_every_rank(demo_shards, tmp_path):
     out = tmp_path / "s"
     assert cli("extract", "--model", TINY, "--data", demo_shards, "--weights", "random",

@@ -146,6 +146,7 @@ def test_resume_after_sigterm_equals_an_uninterrupted_fit(store, tmp_path, monke
     assert rows == sorted(set(rows)), "no step is logged twice"
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_via_cli(store, tmp_path):
     args = ["fit", store, "--sae", "topk", "--out", tmp_path / "f", "--concepts", 32, "--top-k", 4,
             "--epochs", 40, "--batch-size", 128, "--checkpoint-every", 10, "--device", "cpu"]

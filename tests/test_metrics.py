@@ -52,8 +52,22 @@ def test_code_statistics_hand_case():
     assert m["connectivity"] == pytest.approx(1 - 5 / 9)
     # atoms 0 and 1 fire together (1 x 2) and point in opposite directions: relu(-(2 * -1)) twice
     assert m["negative_interference"] == pytest.approx(np.sqrt(2 * 2.0 ** 2))
+    assert m["negative_interference_cosine"] == pytest.approx(np.sqrt(2 * 2.0 ** 2))
     # atoms 0 and 2 equal some activation's direction; atom 1 (-x) is at best orthogonal
     assert m["ood"] == pytest.approx(1 - (1 + 0 + 1) / 3)
+
+
+def test_negative_interference_uses_the_atoms_as_they_are():
+    """The paper's ||relu(-(Z^T Z) o (D D^T))||: atoms of norms 2, 1 and 3 (unit atoms would give
+    the cosine variant, kept under its own name)."""
+    atoms = torch.tensor([[2.0, 0.0], [-1.0, 0.0], [0.0, 3.0]])
+    z = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 3.0], [1.0, 0.0, 0.0]])
+    x = z @ atoms
+    m = tally_of(x, x, z, atoms).summary(atoms)
+    # co-firing z0 z1 = 2 and <D0, D1> = -2: relu(-(2 * -2)) = 4 at (0, 1) and (1, 0); atom 2 is
+    # orthogonal to both, and the diagonal is positive
+    assert m["negative_interference"] == pytest.approx(np.sqrt(2 * 4.0 ** 2))
+    assert m["negative_interference_cosine"] == pytest.approx(np.sqrt(2 * 2.0 ** 2))
 
 
 def test_evaluate_and_stability_cli(tmp_path):
