@@ -177,7 +177,7 @@ def fit_(store, sae, out, resume, **options):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="A .safetensors file.")
 def export_(fitdir, out):
     """Write the fit as plain tensors (encoder, decoder, threshold, standardisation)."""
-    from archsae.fit.checkpoint import export
+    from archsae.fit import export
 
     click.echo(f"wrote {export(fitdir, out)}")
 
