@@ -3,6 +3,7 @@
 (`archsae.options`); a `UserError` from anywhere becomes one line on stderr and exit code 2.
 """
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -25,8 +26,13 @@ KMEANS = SettingsOptions(CentroidSettings)
 CENTROID_DATA = SettingsOptions(FitSettings, ("tokens", "heldout", "split_seed"))
 
 
+# Failures of the machine rather than of the program: a folder one may not write, a full disk.
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
 class OneLineErrors(click.Group):
-    """Prints a `UserError` as one line (a bad setting named by its option) and exits with 2."""
+    """Prints a `UserError` (a bad setting named by its option) or a refused write as one line,
+    and exits with 2."""
 
     def invoke(self, ctx):
         try:
@@ -35,6 +41,12 @@ class OneLineErrors(click.Group):
             raise _Failure(exc.named(flag_of(exc.setting))) from None
         except UserError as exc:
             raise _Failure(str(exc)) from None
+        except OSError as exc:
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            raise _Failure(f"cannot write {exc.filename or 'the output'}: {exc.strerror}: choose a "
+                           "writable folder or free some disk, then rerun (unfinished work is "
+                           "redone, nothing half-written is used)") from None
 
 
 class _Failure(click.ClickException):
@@ -59,18 +71,18 @@ def _dataset_name(data: str) -> str:
 @click.option("--out", type=click.Path(file_okay=False), help="Store folder [runs/<data>/<model>].")
 @click.option("--weights", default="pretrained", show_default=True,
               help="pretrained, auto (pretrained if cached, else random), random, or a .safetensors file.")
-@click.option("--limit", type=int, help="Only the first N images.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per backbone batch.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per backbone batch.")
 @click.option("--layer", type=int, help="Block index (timm's forward_intermediates) instead of forward_features.")
-@click.option("--rank", type=int, help="This process's rank when splitting by hand (default: torchrun's).")
-@click.option("--world", type=int, help="Number of processes splitting the work.")
+@click.option("--rank", type=click.IntRange(min=0), help="This process's rank when splitting by hand (default: torchrun's).")
+@click.option("--world", type=click.IntRange(min=1), help="Number of processes splitting the work.")
 @click.option("--dtype", type=click.Choice(DTYPES), default=DTYPES[0], show_default=True)
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="What an unreadable image does: skipped and recorded, or stops the run.")
-@click.option("--chunk-images", type=int, help="Images per chunk (one unit of work) [about 8 MiB of tokens].")
-@click.option("--workers", type=int, help="Image decoding processes [cores - 1].")
+@click.option("--chunk-images", type=click.IntRange(min=1), help="Images per chunk (one unit of work) [about 8 MiB of tokens].")
+@click.option("--workers", type=click.IntRange(min=0), help="Image decoding processes [cores - 1].")
 @click.option("--device", help="cpu, cuda, cuda:1 ... [cuda when available].")
-@click.option("--demo-images", type=int, default=256, show_default=True, help="Size of the demo set.")
+@click.option("--demo-images", type=click.IntRange(min=1), default=256, show_default=True, help="Size of the demo set.")
 def extract(model, data, out, weights, limit, batch_size, layer, rank, world, dtype, on_error,
             chunk_images, workers, device, demo_images):
     """Run a backbone over images once and store every token's activation."""
@@ -122,7 +134,7 @@ def _print_info(s: dict) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder to create.")
 @click.option("--key", help="Tensor name in a .safetensors file, or array in a zarr group.")
 @click.option("--dtype", type=click.Choice(DTYPES), default=DTYPES[0], show_default=True)
-@click.option("--chunk-images", type=int, help="Rows (items) per chunk [about 8 MiB].")
+@click.option("--chunk-images", type=click.IntRange(min=1), help="Rows (items) per chunk [about 8 MiB].")
 def import_(src, out, key, dtype, chunk_images):
     """Bring activations made elsewhere (.npy, .safetensors, zarr) into the store format."""
     from archsae.cache.importer import import_activations
@@ -151,7 +163,8 @@ def centroids(store, force, **options):
               help="A named SAE: sets the encoder, dictionary and delta [without it, those options "
                    "alone define the SAE; their defaults make an RA-SAE].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Fit directory.")
-@click.option("--resume", is_flag=True, help="Continue the fit in --out from its last checkpoint.")
+@click.option("--resume", is_flag=True, help="Accept a finished fit in --out as done (an unfinished one "
+              "is always continued from its last checkpoint).")
 @SAE_KIND
 @SAE_SIZE
 @N_CENTROIDS
@@ -161,11 +174,16 @@ def fit_(store, sae, out, resume, **options):
     from archsae.cache import open_store
     from archsae.evaluate.run import evaluate_fit
     from archsae.fit import fit, sae_settings
+    from archsae.fit.train import resumed_settings
 
-    d = open_store(store).d
     values = {**SAE_KIND.values(options), **SAE_SIZE.values(options)}
-    settings = sae_settings(sae, d, **values)
-    cfg = FitSettings(**TRAINING.values(options))
+    if (Path(out) / "config.json").is_file():  # continue it: only the settings named may differ
+        if sae:
+            values = {**dict(zip(("encoder", "dictionary", "delta"), SAE_PRESETS[sae])), **values}
+        settings, cfg = resumed_settings(out, values, TRAINING.values(options))
+    else:
+        settings = sae_settings(sae, open_store(store).d, **values)
+        cfg = FitSettings(**TRAINING.values(options))
     fit(store, out, settings, cfg, resume=resume, centroids=CentroidSettings(**N_CENTROIDS.values(options)))
     m = evaluate_fit(out, progress=False)["metrics"][cfg.tokens]
     click.echo(f"{out} ({settings.name}): held-out R^2 {m['r2']:.4f}, L0 {m['l0']:.1f}, dead "
@@ -219,11 +237,11 @@ def stability_(fitdirs):
 
 @main.command("baselines")
 @click.argument("store", type=click.Path())
-@click.option("--concepts", type=int, required=True, help="Atoms per baseline (linear methods: at most d).")
+@click.option("--concepts", type=click.IntRange(min=1), required=True, help="Atoms per baseline (linear methods: at most d).")
 @click.option("--methods", default="all", show_default=True,
               help="Comma-separated: pca, ica, sparse_pca, kmeans, semi_nmf, convex_nmf, or all.")
-@click.option("--seeds", type=int, default=2, show_default=True, help="Fits per method (stability across them).")
-@click.option("--sample", type=int, default=8192, show_default=True, help="Training tokens per fit.")
+@click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True, help="Fits per method (stability across them).")
+@click.option("--sample", type=click.IntRange(min=1), default=8192, show_default=True, help="Training tokens per fit.")
 @CENTROID_DATA
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every number here.")
 def baselines_(store, concepts, methods, seeds, sample, json_out, **options):
@@ -252,7 +270,7 @@ def baselines_(store, concepts, methods, seeds, sample, json_out, **options):
 @click.option("--sae", default="ra", show_default=True,
               help=f"The SAE(s) to study, comma-separated among {', '.join(SAE_PRESETS)}.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for all the runs.")
-@click.option("--seeds", type=int, default=4, show_default=True, help="Runs per variant.")
+@click.option("--seeds", type=click.IntRange(min=2), default=4, show_default=True, help="Runs per variant.")
 @click.option("--subsets", is_flag=True, help="Vary the training data (90% subsets) instead of the seed.")
 @SAE_SIZE
 @N_CENTROIDS
@@ -311,11 +329,11 @@ def plausibility_(model, weights, store, out, sizes, deltas, **options):
 @bench.command("identifiability")
 @click.option("--model", required=True, help="Preset or timm:<name>.")
 @click.option("--weights", default="pretrained", show_default=True, help="pretrained, auto, random, or a .safetensors file.")
-@click.option("--collages", type=int, default=4000, show_default=True, help="Collages per object set (half train, half test).")
+@click.option("--collages", type=click.IntRange(min=20), default=4000, show_default=True, help="Collages per object set (half train, half test).")
 @click.option("--objects", type=click.Path(), help="A folder with one image per object [the two bundled sets].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for collages, stores and identifiability.json.")
-@click.option("--epochs", type=int, default=200, show_default=True, help="SAE epochs over the train collages.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per backbone batch.")
+@click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True, help="SAE epochs over the train collages.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per backbone batch.")
 @click.option("--device", help="cpu, cuda ... [cuda when available].")
 def identifiability_(model, weights, collages, objects, out, epochs, batch_size, device):
     """Collages of known objects: does one concept tell whether an object is present?"""
@@ -349,7 +367,7 @@ def report_(out, studies, baselines, identifiability, plausibility, browser):
 @main.command("browse")
 @click.argument("fitdir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Site folder (open OUT/index.html).")
-@click.option("--top", type=int, default=16, show_default=True, help="Images per concept.")
+@click.option("--top", type=click.IntRange(min=1), default=16, show_default=True, help="Images per concept.")
 @click.option("--against", type=click.Path(exists=True, file_okay=False), help="Another fit (e.g. another seed): each concept's match score.")
 @click.option("--data", help="Where the store's images are now, if they moved since extraction.")
 @click.option("--part", type=click.Choice(["all", "heldout", "train"]), default="all", show_default=True,
@@ -360,8 +378,6 @@ def browse_(fitdir, out, top, against, data, part):
     from archsae.extract.display import StoreImages
     from archsae.fit import open_fit_store
 
-    if top < 1:
-        raise click.UsageError("--top must be at least 1")
     images = StoreImages(open_fit_store(fitdir)[0], data)
     s = build_site(fitdir, out, images.thumbnail, top, against, part)
     click.echo(f"wrote {Path(out) / 'index.html'}: {s['live']} live and {s['dead']} dead concepts, "

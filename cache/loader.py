@@ -70,7 +70,18 @@ class TokenStore:
         return self.n_tokens // batch_size if drop_last else -(-self.n_tokens // batch_size)
 
     def read_unit(self, unit: int, out: np.ndarray | None = None) -> np.ndarray:
-        """The selected tokens of one unit as rows (n, d), in the stored dtype."""
+        """The selected tokens of one unit as rows (n, d), in the stored dtype; a chunk that
+        fails to read (damaged since it was written) is one error that says how to mend it."""
+        try:
+            return self._read_unit(unit, out)
+        except Exception as exc:
+            start, stop = self.store.unit_bounds(unit)
+            raise UserError(f"{self.store.path}: unit {unit} (images {start}..{stop - 1}) cannot be "
+                            f"read ({type(exc).__name__}: {str(exc)[:120]}): rerun the command that "
+                            "made the store (`archsae extract` or `archsae import`): it rewrites "
+                            "damaged units") from None
+
+    def _read_unit(self, unit: int, out: np.ndarray | None) -> np.ndarray:
         start, stop = self.store.unit_bounds(unit)
         images = self.unit_images[unit]
         whole = len(images) == stop - start and len(self.positions) == self.store.n_tokens

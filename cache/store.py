@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from tqdm import tqdm
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from archsae.errors import InvalidSetting, UserError
 from archsae.files import temporary_sibling
@@ -31,6 +32,11 @@ DTYPES = ("float16", "float32")
 # encodes/decodes at GB/s, faster than a GPU extraction writes or a GPU fit reads. zstd saves
 # more only at levels that encode at ~200 MB/s. Figures in docs/cache-format.md.
 TOKEN_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+# A checksum on every chunk of the data: a damaged chunk fails to read instead of reading as
+# other numbers. Every chunk is written, zeros included, so a missing chunk file is damage.
+DATA_CODECS = [TOKEN_CODEC, Crc32cCodec()]
+DATA_CONFIG = {"write_empty_chunks": True}
+DATA_ARRAYS = ("tokens", "pooled")
 
 # What a store is: the attributes hashed into its `id`. A rerun resumes a store only when they
 # agree, and a fit belongs to the store whose id it recorded.
@@ -58,7 +64,13 @@ class StoreSpec:
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise UserError(f"dtype {self.dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+            raise InvalidSetting("dtype", f"{{name}} {self.dtype!r} is not supported: use one of "
+                                          f"{', '.join(DTYPES)}")
+        if self.n_images < 1 or self.n_tokens < 1 or self.d < 1:
+            raise UserError(f"no activations to store ({self.n_images} items x {self.n_tokens} "
+                            f"tokens x {self.d} features): give at least one item with features")
+        if self.chunk_images < 1:
+            raise InvalidSetting("chunk_images", f"{{name}} {self.chunk_images} must be at least 1")
 
     @property
     def n_tokens(self) -> int:
@@ -98,10 +110,10 @@ def _create_group(path: Path, spec: StoreSpec) -> None:
     n_units = -(-n // u)
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     group.create_array("tokens", shape=(n, t, d), chunks=(u, t, d), dtype=spec.dtype,
-                       compressors=[TOKEN_CODEC], fill_value=0)
+                       compressors=DATA_CODECS, fill_value=0, config=DATA_CONFIG)
     if spec.d_pooled is not None:
         group.create_array("pooled", shape=(n, spec.d_pooled), chunks=(u, spec.d_pooled),
-                           dtype=spec.dtype, compressors=[TOKEN_CODEC], fill_value=0)
+                           dtype=spec.dtype, compressors=DATA_CODECS, fill_value=0, config=DATA_CONFIG)
     kind = group.create_array("token_kind", shape=(t,), chunks=(t,), dtype="uint8")
     kind[:] = spec.token_kind.astype(np.uint8)
     group.create_array("keys", shape=(n,), chunks=(u,), dtype=str)
@@ -143,20 +155,37 @@ def create_or_open(path, spec: StoreSpec) -> "ActivationStore":
     return store
 
 
+def resumable_units(store: "ActivationStore", units: list[int], progress: bool = True) -> list[int]:
+    """Which of `units` a (re)run must write: those not done, and done ones whose chunks are
+    missing or fail to decode (they are marked not done first)."""
+    damaged = store.unreadable_units(units, progress)
+    store.undo(damaged)
+    done = store.done_units()
+    return [u for u in units if not done[u]]
+
+
 def open_store(path, mode: str = "r") -> "ActivationStore":
     path = Path(path)
     if not is_store(path):
         raise UserError(f"{path} is not an archsae activation store: run `archsae extract` or "
                         "`archsae import` to make one")
-    group = zarr.open_group(str(path), mode=mode, zarr_format=3)
-    attrs = group.attrs.get("archsae")
+    try:
+        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        attrs = group.attrs.get("archsae")
+    except Exception as exc:  # damaged metadata: invalid JSON, wrong types
+        raise UserError(f"{path} is damaged: its zarr metadata cannot be read ({type(exc).__name__}: "
+                        f"{str(exc)[:120]}): extract or import it again into a new folder") from None
     if not attrs or attrs.get("format") != FORMAT_NAME:
         raise UserError(f"{path} is a zarr group but not an archsae activation store: "
                         "point at a folder made by `archsae extract` or `archsae import`")
     if attrs.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has store format version {attrs.get('format_version')}, this "
                         f"archsae reads version {FORMAT_VERSION}: re-extract or use a matching archsae")
-    return ActivationStore(path, group)
+    try:
+        return ActivationStore(path, group)
+    except Exception as exc:
+        raise UserError(f"{path} is damaged: its layout does not match docs/cache-format.md "
+                        f"({type(exc).__name__}: {str(exc)[:120]}): extract or import it again") from None
 
 
 class ActivationStore:
@@ -202,7 +231,36 @@ class ActivationStore:
 
     # -- progress -------------------------------------------------------------------------
     def done_units(self) -> np.ndarray:
-        return np.asarray(self.group["done"][:], dtype=bool)
+        """Units marked done whose data chunks are all on disk (a missing one is damage)."""
+        done = np.asarray(self.group["done"][:], dtype=bool)
+        for name in DATA_ARRAYS:
+            if name in self.group:
+                arr = self.group[name]
+                encode = arr.metadata.chunk_key_encoding.encode_chunk_key
+                zeros = (0,) * (arr.ndim - 1)
+                done &= [(self.path / name / encode((u, *zeros))).is_file() for u in range(self.n_units)]
+        return done
+
+    def unreadable_units(self, units=None, progress: bool = True) -> list[int]:
+        """Done units (of `units`, default all) whose data chunks fail to decode (checksum,
+        codec): every chunk of them is read."""
+        bad = []
+        done = self.done_units()
+        units = [u for u in (range(self.n_units) if units is None else units) if done[u]]
+        for u in tqdm(units, unit="unit", desc="verify", disable=not progress):
+            start, stop = self.unit_bounds(u)
+            try:
+                for name in DATA_ARRAYS:
+                    if name in self.group:
+                        self.group[name][start:stop]
+            except Exception:  # any decoding failure is damage, whatever the codec says
+                bad.append(int(u))
+        return bad
+
+    def undo(self, units) -> None:
+        """Mark units not done, so that the next extraction or import writes them again."""
+        for u in units:
+            self.group["done"][u] = False
 
     @property
     def complete(self) -> bool:
@@ -232,6 +290,7 @@ class ActivationStore:
                              f"got {tokens.shape}")
         errors = np.array([""] * n if errors is None else errors, dtype=str)
         tokens = np.asarray(tokens, dtype=self.attrs["dtype"])
+        self._check_finite(unit, tokens, errors, keys)
         self.group["tokens"][start:stop] = tokens
         if pooled is not None:
             self.group["pooled"][start:stop] = np.asarray(pooled, dtype=self.attrs["dtype"])
@@ -244,6 +303,16 @@ class ActivationStore:
         self.group["stats/mean"][unit] = mean
         self.group["stats/m2"][unit] = m2
         self.group["done"][unit] = True
+
+    def _check_finite(self, unit: int, tokens: np.ndarray, errors: np.ndarray, keys) -> None:
+        """Refuse NaN and infinite activations (also values beyond the dtype's range)."""
+        bad = ~np.isfinite(tokens).reshape(len(tokens), -1).all(axis=1) & (errors == "")
+        if bad.any():
+            count = int((~np.isfinite(tokens[bad])).sum())
+            names = ", ".join(str(keys[i]) for i in np.flatnonzero(bad)[:3])
+            raise UserError(f"{count} activations of {int(bad.sum())} images in unit {unit} (first: "
+                            f"{names}) are NaN or infinite in {self.attrs['dtype']} (float16 "
+                            "overflows beyond 65504): fix the model or the data, or store float32")
 
     def unit_moments(self, tokens: np.ndarray):
         """Per-kind moments of one unit's valid tokens (n, n_tokens, d), as stored."""
@@ -280,7 +349,9 @@ class ActivationStore:
 
     # -- centroids ------------------------------------------------------------------------
     def centroid_names(self) -> list[str]:
-        return sorted(self.group["centroids"].group_keys()) if "centroids" in self.group else []
+        if "centroids" not in self.group:
+            return []
+        return sorted(n for n in self.group["centroids"].group_keys() if not n.startswith("."))
 
     def save_centroids(self, name: str, points: np.ndarray, settings: dict) -> None:
         """Write `centroids/<name>` atomically: built under a temporary name, then renamed."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from archsae.errors import InvalidSetting
 from archsae.files import temporary_sibling
 from archsae.paths import runs_dir
 
@@ -90,6 +91,8 @@ def write_shards(out: Path, n_images: int, render, prefix: str) -> str:
 
 def write_demo_shards(n_images: int = 256, out: Path | None = None, seed: int = 0) -> str:
     """The demo set (crops and flips of the bundled photos, label = photo) as tar shards."""
+    if n_images < 1:
+        raise InvalidSetting("demo_images", f"{{name}} {n_images} must be at least 1 image")
     photos = demo_photos()
 
     def render(i):

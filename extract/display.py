@@ -22,7 +22,7 @@ class StoreImages:
             raise UserError(f"{store.path} has no images (imported activations): the browser "
                             "needs a store made by `archsae extract`")
         try:
-            self.source = open_source(location)
+            self.source = open_source(location).limit(store.n_images)  # an extraction's --limit
         except UserError as exc:
             raise InvalidSetting("data", f"the images of {store.path} are not at {location} ({exc}): "
                                          "pass {name} with where they are now") from None

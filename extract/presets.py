@@ -157,13 +157,33 @@ def _create(timm, name: str, kwargs: dict, weights: str):
     if path.suffix != ".safetensors":
         raise UserError(f"{path} is not a .safetensors file: archsae never unpickles weights; "
                         "convert it with safetensors.torch.save_file")
-    try:
-        net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                                **kwargs)
-    except Exception as exc:
-        raise UserError(f"{path} does not fit {name} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}): pass weights saved from that model") from None
+    net, _ = _random_init(timm, name, kwargs)
+    net.load_state_dict(_checked_state_dict(path, net.state_dict(), name))
     return net, f"file:{path.name}:sha256:{sha256_file(path)}"
+
+
+def _checked_state_dict(path: Path, expected: dict, name: str) -> dict:
+    """The tensors of a .safetensors file, refused unless they are exactly `expected`'s keys
+    and shapes: nothing is silently left at random, dropped or resampled (timm would resample a
+    position embedding of another size)."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable .safetensors file ({str(exc)[:160]}): save the "
+                        "weights with safetensors.torch.save_file") from None
+    problems = {
+        "missing": [k for k in expected if k not in state],
+        "unexpected": [k for k in state if k not in expected],
+        "of another shape": [f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})"
+                             for k in state if k in expected and state[k].shape != expected[k].shape]}
+    found = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+             for what, keys in problems.items() if keys]
+    if found:
+        raise UserError(f"{path} does not fit {name}: tensors {'; '.join(found)}: pass weights saved "
+                        "from that model's state_dict")
+    return state
 
 
 def _pretrained_cached(timm, name: str) -> bool:

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from archsae.devices import resolve_device
 from archsae.errors import InvalidSetting, UserError
-from archsae.cache import StoreSpec, create_or_open, default_chunk_images, is_store, open_store
+from archsae.cache import (StoreSpec, create_or_open, default_chunk_images, is_store, open_store,
+                           resumable_units)
 from archsae.extract.presets import build_backbone
 from archsae.extract.sources import ImageSource, open_source
 from archsae.extract.demo_data import write_demo_shards
@@ -42,7 +43,9 @@ class Ranks:
 def resolve_ranks(rank: int | None, world: int | None) -> Ranks:
     """--rank/--world as given, else torchrun's environment (gloo on CPU, nccl on CUDA)."""
     if rank is not None or world is not None:
-        rank, world = rank or 0, world or 1
+        rank, world = (0 if rank is None else rank), (1 if world is None else world)
+        if world < 1:
+            raise InvalidSetting("world", f"{{name}} {world} must be at least 1 process")
         if not 0 <= rank < world:
             raise InvalidSetting("rank", f"{{name}} {rank} is not in 0..{world - 1}: give 0 <= rank < world")
         return Ranks(rank, world, False)
@@ -129,9 +132,8 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
     else:
         _check_disk(out, spec, itemsize)
     store = create_or_open(out, spec)
-    todo = [u for u in range(store.n_units) if u % ranks.world == ranks.rank]
-    done = store.done_units()
-    todo = [u for u in todo if not done[u]]
+    todo = resumable_units(store, [u for u in range(store.n_units) if u % ranks.world == ranks.rank],
+                           progress and ranks.rank == 0)
     if progress and ranks.rank == 0:
         if weights == "auto" and backbone.weights.startswith("random"):
             print(f"archsae: no pretrained weights for {backbone.timm_name} in the local cache: "
@@ -152,7 +154,8 @@ def _store_spec(model: str, backbone, source, layer, dtype: str, chunk_images: i
     itemsize = np.dtype(dtype).itemsize
     return StoreSpec(
         n_images=len(source), token_kind=kinds, d=d, d_pooled=d_pooled, dtype=dtype,
-        chunk_images=chunk_images or default_chunk_images(len(source), len(kinds), d, itemsize),
+        chunk_images=(default_chunk_images(len(source), len(kinds), d, itemsize) if chunk_images is None
+                      else chunk_images),
         provenance={
             "model": model, "timm_name": backbone.timm_name, "weights": backbone.weights,
             "layer": "forward_features" if layer is None else layer,

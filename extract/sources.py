@@ -12,6 +12,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
@@ -70,8 +71,13 @@ class ImageSource:
 
 
 def open_source(spec: str) -> ImageSource:
-    """A tar shard pattern (`/data/train-{000000..001281}.tar`), one .tar, or an image folder."""
-    path = Path(spec)
+    """A tar shard pattern (`/data/train-{000000..001281}.tar`), one .tar, or an image folder;
+    the location is recorded as an absolute path, so later stages find it from anywhere."""
+    path = Path(spec).absolute()
+    spec = str(path)
+    if path.is_file() and is_image_file(path):
+        raise InvalidSetting("data", f"{{name}} {spec} is a single image: pass the folder that holds "
+                                     "the images (or a .tar shard)")
     if path.is_dir():
         shards = sorted(path.glob("*.tar"))
         if shards and not any(is_image_file(p) for p in path.iterdir()):
@@ -105,14 +111,19 @@ def _tar_source(location: str, shards: list[str]) -> ImageSource:
                         sample["image"] = m
                     elif field in LABEL_FIELDS:
                         sample["label"] = tar.extractfile(m).read()
-        except tarfile.ReadError as exc:
+        except tarfile.TarError as exc:
             raise UserError(f"{shard} is not an uncompressed tar ({exc}): write shards with "
                             "webdataset's TarWriter or `tar cf`, without compression") from None
+        end = Path(shard).stat().st_size
         for key, sample in samples.items():
             if "image" not in sample:
                 continue
             m = sample["image"]
-            label = _parse_label(sample.get("label"))
+            if m.offset_data + m.size > end:
+                raise UserError(f"{shard} is damaged: member {m.name!r} claims {m.size} bytes past the "
+                                "end of the file: write the shard again")
+            _check_name(key, f"sample key in {shard}: the")
+            label = _parse_label(sample.get("label"), key, shard)
             records.append(ImageRecord(key, shard, m.offset_data, m.size, label))
     if not records:
         raise UserError(f"no images found in {location}: shards must hold samples like "
@@ -120,18 +131,37 @@ def _tar_source(location: str, shards: list[str]) -> ImageSource:
     return ImageSource("webdataset", location, records)
 
 
-def _parse_label(raw: bytes | None) -> int:
+INT64 = np.iinfo(np.int64)
+
+
+def _check_name(name: str, what: str) -> None:
+    """Image names are recorded in the store as text: refuse one that is not UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"the {what} name {name.encode('utf-8', 'surrogateescape')!r} is not UTF-8 "
+                        "text: rename it (archsae records every image's name)") from None
+
+
+def _parse_label(raw: bytes | None, key: str, shard: str) -> int:
+    """An integer class label; anything that is not an integer is no label (-1)."""
     if raw is None:
         return -1
     try:
-        return int(raw.decode().strip())
+        label = int(raw.decode().strip())
     except ValueError:
         return -1
+    if not INT64.min <= label <= INT64.max:
+        raise UserError(f"{shard} is damaged: the label of sample {key!r} ({label}) does not fit "
+                        "in 64 bits: write the shard again with integer class labels")
+    return label
 
 
 def _folder_source(root: Path) -> ImageSource:
     files = sorted(p for p in root.rglob("*")
                    if p.is_file() and is_image_file(p))
+    for p in files:
+        _check_name(str(p), "file")
     if not files:
         raise UserError(f"no images found in {root}: use a folder of images (class sub-folders "
                         f"give labels), extensions {', '.join(IMAGE_EXTENSIONS)}")

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from archsae.cache import open_store
-from archsae.errors import UserError
+from archsae.cache import is_store, open_store
+from archsae.errors import InvalidSetting, UserError
 from archsae.files import replaced_atomically, write_json
 from archsae.fit.settings import FitSettings, SAESettings
 
 SCHEMA_VERSION = 2
+CONFIG_KEYS = ("schema_version", "finished", "store", "centroids", "sae", "fit", "steps", "steps_per_epoch")
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -77,9 +78,13 @@ def load_checkpoint(fitdir: Path):
     pointer = fitdir / "checkpoint.json"
     if not pointer.exists():
         return None
-    ckpt = fitdir / json.loads(pointer.read_text())["latest"]
-    return (load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "optimizer.safetensors")),
-            load_file(str(ckpt / "trainer.safetensors")), json.loads((ckpt / "state.json").read_text()))
+    try:
+        ckpt = fitdir / json.loads(pointer.read_text())["latest"]
+        return (load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "optimizer.safetensors")),
+                load_file(str(ckpt / "trainer.safetensors")), json.loads((ckpt / "state.json").read_text()))
+    except Exception as exc:
+        raise UserError(f"the last checkpoint of {fitdir} is damaged ({type(exc).__name__}: "
+                        f"{str(exc)[:120]}): fit again into a new folder") from None
 
 
 def read_config(fitdir) -> dict:
@@ -87,15 +92,28 @@ def read_config(fitdir) -> dict:
     if not path.exists():
         raise UserError(f"{fitdir} is not a fit directory (no config.json): pass a folder made by "
                         "`archsae fit`")
-    config = json.loads(path.read_text())
-    if config.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{fitdir} has fit schema {config.get('schema_version')}, this archsae "
-                        f"reads {SCHEMA_VERSION}: refit or use a matching archsae")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is damaged (not valid JSON: {exc}): fit again into a new folder") from None
+    if not isinstance(config, dict) or config.get("schema_version") != SCHEMA_VERSION:
+        version = config.get("schema_version") if isinstance(config, dict) else None
+        raise UserError(f"{fitdir} has fit schema {version}, this archsae reads {SCHEMA_VERSION}: "
+                        "refit or use a matching archsae")
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise UserError(f"{path} is damaged (no {', '.join(missing)}): fit again into a new folder")
+    try:
+        fit_settings(config)  # every setting checked, so later reads can trust them
+    except UserError as exc:
+        raise UserError(f"{path} is damaged ({exc}): fit again into a new folder") from None
     return config
 
 
 def fit_settings(config: dict) -> tuple[SAESettings, FitSettings]:
     """The settings a fit directory's config.json records."""
+    if not isinstance(config["sae"], dict) or not isinstance(config["fit"], dict):
+        raise UserError("a fit's config.json is damaged (sae and fit are not objects): fit again")
     return SAESettings.from_dict(config["sae"]), FitSettings.from_dict(config["fit"])
 
 
@@ -111,6 +129,9 @@ def check_store(fitdir, config: dict, store) -> None:
 def open_fit_store(fitdir, store=None):
     """(the store a fit was trained on, or `store` checked to be that one; the fit's config)."""
     config = read_config(fitdir)
+    if store is None and not is_store(config["store"]["path"]):
+        raise InvalidSetting("store", f"the store {fitdir} was trained on is no longer at "
+                                      f"{config['store']['path']}: pass {{name}} with where it is now")
     opened = open_store(store or config["store"]["path"])
     check_store(fitdir, config, opened)
     return opened, config
@@ -123,12 +144,17 @@ def load(fitdir, device: str | torch.device = "cpu"):
     config = read_config(fitdir)
     if not config.get("finished"):
         raise UserError(f"{fitdir} has not finished training: resume the fit to finish it")
-    tensors = load_file(str(Path(fitdir) / "model.safetensors"))
     settings, _ = fit_settings(config)
     if settings.dictionary == "free":  # the trained atoms replace any initial ones
         settings.decoder_init = "random"
-    model = SparseAutoencoder(settings, tensors.get("dictionary.points"))
-    model.load_state_dict(tensors)
+    path = Path(fitdir) / "model.safetensors"
+    try:
+        tensors = load_file(str(path))
+        model = SparseAutoencoder(settings, tensors.get("dictionary.points"))
+        model.load_state_dict(tensors)
+    except Exception as exc:  # truncated, not safetensors, or tensors of other names or shapes
+        raise UserError(f"{path} does not hold this fit's model ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160]}): fit again into a new folder") from None
     return model.to(device).eval()
 
 

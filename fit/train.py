@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from archsae.cache import TokenStore, open_store
+from archsae.cache import TokenStore, is_store, open_store
 from archsae.devices import resolve_device
-from archsae.errors import UserError
+from archsae.errors import InvalidSetting, UserError
 from archsae.files import write_json
 from archsae.fit.centroids import centroid_set, load_points
 from archsae.fit.checkpoint import (SCHEMA_VERSION, check_store, fit_settings, load_checkpoint,
@@ -43,9 +43,9 @@ class Trainer:
                             f"{self.loader.n_tokens} training tokens: use a smaller batch size")
         self.total_steps = self.steps_per_epoch * fit.epochs
         # "dead" = silent for 1M tokens or one epoch, whichever is shorter (small stores)
-        self.cfg = fit = replace(fit, dead_tokens=min(fit.dead_tokens, self.loader.n_tokens))
+        step_cfg = replace(fit, dead_tokens=min(fit.dead_tokens, self.loader.n_tokens))
         points = load_points(self.store, sae.centroids) if sae.needs_centroids else None
-        self.learner = TrainingStep(sae, fit, points, self.total_steps, self.device,
+        self.learner = TrainingStep(sae, step_cfg, points, self.total_steps, self.device,
                                     self.loader.mean, self.loader.std)
         self.stop_requested = False
 
@@ -70,10 +70,12 @@ class Trainer:
                         {"silent_tokens": self.learner.silent_tokens,
                          "penalty_coef": self.learner.penalty_coef}, {"step": self.learner.step})
 
-    def resume(self) -> bool:
+    def resume(self) -> None:
+        """Continue from the last checkpoint (or from the start when none was written)."""
         ckpt = load_checkpoint(self.fitdir)
         if ckpt is None:
-            return False
+            _truncate_metrics(self.fitdir / "metrics.jsonl", 0)
+            return
         model_t, opt_t, trainer_t, state = ckpt
         self.learner.model.load_state_dict(model_t)
         restore_optimizer(self.learner.optimizer, opt_t, state["optimizer"])
@@ -81,7 +83,6 @@ class Trainer:
         self.learner.penalty_coef = trainer_t["penalty_coef"].to(self.device)
         self.learner.step = state["step"]
         _truncate_metrics(self.fitdir / "metrics.jsonl", self.learner.step)
-        return True
 
     def run(self) -> None:
         self.fitdir.mkdir(parents=True, exist_ok=True)
@@ -142,27 +143,57 @@ def with_centroids(store_path, sae: SAESettings, cfg: FitSettings,
     return replace(sae, centroids=centroid_set(store_path, centroids, cfg.tokens, cfg.split, progress))
 
 
+def _check_output(fitdir: Path) -> None:
+    """A fit writes only into a new folder, an empty one, or a fit folder: never into a store
+    or a folder of someone else's files."""
+    for folder in (fitdir, *fitdir.resolve().parents):
+        if is_store(folder):
+            raise InvalidSetting("out", f"{fitdir} is {'' if folder == fitdir else 'inside '}the "
+                                        f"activation store {folder}: pass another {{name}} for the fit")
+    if fitdir.exists() and (not fitdir.is_dir() or (any(fitdir.iterdir()) and not (fitdir / "config.json").exists())):
+        raise InvalidSetting("out", f"{fitdir} exists and is not a fit folder: pass another {{name}} "
+                                    "(a new or empty folder)")
+
+
+def _differences(old, new, ignore=()) -> list[str]:
+    a, b = old.to_dict(), new.to_dict()
+    return [f"{k} {a[k]!r}, not {b[k]!r}" for k in a if k not in ignore and a[k] != b[k]]
+
+
 def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = False,
         centroids: CentroidSettings = CentroidSettings(), progress: bool = True) -> None:
-    """Train (or resume) a fit; computes the centroids first when the SAE needs them and they
-    are missing."""
+    """Train a fit, or continue an unfinished one from its last checkpoint (it must have the
+    same settings). A finished fit is refused unless `resume` (then there is nothing to do).
+    Computes the centroids first when the SAE needs them and they are missing."""
     fitdir = Path(fitdir)
     store = open_store(store_path)
-    if (fitdir / "config.json").exists():
-        old = read_config(fitdir)
-        if not resume:
-            raise UserError(f"{fitdir} already holds a fit: resume it, or write to another folder")
-        check_store(fitdir, old, store)
-        sae, old_cfg = fit_settings(old)
-        cfg = replace(old_cfg, device=cfg.device)
-        if old.get("finished"):
-            return
-    else:
+    _check_output(fitdir)
+    if not (fitdir / "config.json").exists():
         sae = with_centroids(store_path, sae, cfg, centroids, progress)
-    trainer = Trainer(store_path, fitdir, sae, cfg, progress)
-    if resume:
-        trainer.resume()
+        Trainer(store_path, fitdir, sae, cfg, progress).run()
+        return
+    old = read_config(fitdir)
+    check_store(fitdir, old, store)
+    old_sae, old_cfg = fit_settings(old)
+    differ = (_differences(old_sae, sae, ignore=() if sae.centroids else ("centroids",))
+              + _differences(old_cfg, cfg, ignore=("device",)))
+    if differ:
+        raise UserError(f"{fitdir} holds a fit with other settings ({'; '.join(differ)}): "
+                        "continue it with its own settings, or write to another folder")
+    if old.get("finished"):
+        if not resume:
+            raise UserError(f"{fitdir} already holds a finished fit: write to another folder")
+        return
+    trainer = Trainer(store_path, fitdir, old_sae, replace(old_cfg, device=cfg.device), progress)
+    trainer.resume()
     trainer.run()
+
+
+def resumed_settings(fitdir, sae_values: dict, fit_values: dict) -> tuple[SAESettings, FitSettings]:
+    """The settings recorded in an existing fit folder with the given values put in: what a
+    command that names only some settings asks to continue (any that differ are then refused)."""
+    sae, cfg = fit_settings(read_config(fitdir))
+    return replace(sae, **sae_values), replace(cfg, **fit_values)
 
 
 def fit_tensor(x: torch.Tensor, sae: SAESettings, cfg: FitSettings, points: torch.Tensor | None = None,

@@ -211,7 +211,10 @@ def test_store_fit_mismatch_and_existing_fit(store, tmp_path):
     import zarr
     fit(store, tmp_path / "f", small("topk"), FitSettings(**FAST), progress=False)
     line = _one_error_line(cli("fit", store, "--sae", "topk", "--out", tmp_path / "f"))
-    assert "already holds a fit" in line and "resume" in line
+    assert "already holds a finished fit" in line
+    assert cli("fit", store, "--sae", "topk", "--out", tmp_path / "f", "--resume").exit_code == 0
+    line = _one_error_line(cli("fit", store, "--sae", "topk", "--top-k", 8, "--out", tmp_path / "f"))
+    assert "other settings (top_k 4, not 8)" in line  # a rerun never trains something else in place
     other = tmp_path / "other.npy"
     np.save(other, np.random.default_rng(0).normal(size=(400, 32)).astype(np.float32))
     assert cli("import", other, "--out", tmp_path / "s2").exit_code == 0
