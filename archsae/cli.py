@@ -100,11 +100,16 @@ def extract(model, data, out, weights, limit, batch_size, layer, rank, world, dt
 @main.command()
 @click.argument("store", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
-def info(store, as_json):
+@click.option("--verify", is_flag=True, help="Also decode every chunk (checksums): finds damaged units.")
+def info(store, as_json, verify):
     """Describe a store: provenance, shape, token kinds, completeness, size on disk."""
     from archsae.cache import open_store
 
-    summary = open_store(store).summary()
+    opened = open_store(store)
+    summary = opened.summary()
+    if verify:
+        summary["damaged_units"] = opened.unreadable_units(progress=not as_json)
+        summary["complete"] = summary["complete"] and not summary["damaged_units"]
     if as_json:
         click.echo(json.dumps(summary))
     else:
@@ -121,7 +126,9 @@ def _print_info(s: dict) -> None:
         f"weights      {s['weights']}",
         f"shape        {n} images x {t} tokens x {d} features ({s['dtype']})",
         f"tokens       {kinds} per image" + (f"; patch grid {s['patch_grid']}" if s["patch_grid"] else ""),
-        f"complete     {'yes' if s['complete'] else 'no'} ({s['units_done']}/{s['units']} units)",
+        f"complete     {'yes' if s['complete'] else 'no'} ({s['units_done']}/{s['units']} units"
+        + (f"; damaged: {s['damaged_units'][:10]}" if s.get("damaged_units") else "")
+        + ("" if s["complete"] else "; rerun the command that made it to finish or mend it") + ")",
         f"skipped      {s['images_skipped']} images" + "".join(
             f"\n               {k}: {v}" for k, v in list(s["skipped"].items())[:10]),
         f"on disk      {s['bytes_on_disk'] / 1e6:.1f} MB, {bpv} bytes per stored value",

@@ -5,6 +5,7 @@ in `archsae.extract.collages`.
 """
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,10 @@ def run_stability_study(store, out, names: list[str], cfg: FitSettings, kmeans: 
     if not names:
         raise UserError("no SAE to study: name at least one (e.g. ra,a)")
     d = open_store(store).d
+    saes = [sae_settings(name, d, **sae_values) for name in names]  # refuse bad names first
     if sae_values.get("centroids") is None:
-        sae_values["centroids"] = centroid_set(store, kmeans, cfg.tokens, cfg.split, progress)
-    saes = [sae_settings(name, d, **sae_values) for name in names]
+        points = centroid_set(store, kmeans, cfg.tokens, cfg.split, progress)
+        saes = [replace(sae, centroids=points) for sae in saes]
     return stability_study(store, out, saes, cfg, seeds, subsets, progress)
 
 

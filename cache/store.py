@@ -172,6 +172,8 @@ def open_store(path, mode: str = "r") -> "ActivationStore":
     try:
         group = zarr.open_group(str(path), mode=mode, zarr_format=3)
         attrs = group.attrs.get("archsae")
+    except OSError:
+        raise  # the disk, not the store: the CLI says so in one line
     except Exception as exc:  # damaged metadata: invalid JSON, wrong types
         raise UserError(f"{path} is damaged: its zarr metadata cannot be read ({type(exc).__name__}: "
                         f"{str(exc)[:120]}): extract or import it again into a new folder") from None
@@ -289,7 +291,8 @@ class ActivationStore:
             raise ValueError(f"unit {unit} expects tokens of shape {(n, self.n_tokens, self.d)}, "
                              f"got {tokens.shape}")
         errors = np.array([""] * n if errors is None else errors, dtype=str)
-        tokens = np.asarray(tokens, dtype=self.attrs["dtype"])
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+            tokens = np.asarray(tokens, dtype=self.attrs["dtype"])
         self._check_finite(unit, tokens, errors, keys)
         self.group["tokens"][start:stop] = tokens
         if pooled is not None:

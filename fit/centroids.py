@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from archsae.cache import Split, TokenStore, open_store
-from archsae.errors import UserError
+from archsae.errors import InvalidSetting, UserError
 from archsae.fit.settings import PAPER_CENTROIDS, CentroidSettings
 
 MIN_TOKENS_PER_CENTROID = 4  # below this K-means mostly memorises single tokens
@@ -47,6 +47,9 @@ def centroid_set(store_path, settings: CentroidSettings = CentroidSettings(), to
     if k > largest:
         raise UserError(f"{k} centroids need at least {MIN_TOKENS_PER_CENTROID * k} tokens, the "
                         f"train split has {loader.n_tokens}: the largest sensible number is {largest}")
+    if settings.sample is not None and settings.sample < MIN_TOKENS_PER_CENTROID * k:
+        raise InvalidSetting("sample", f"{{name}} {settings.sample} tokens are too few for {k} "
+                                       f"centroids: give at least {MIN_TOKENS_PER_CENTROID * k}")
     seed, niter = settings.seed, settings.niter
     x = loader.sample(settings.sample or DEFAULT_TOKENS_PER_CENTROID * k, seed=seed, progress=progress)
     n = len(x)

@@ -168,6 +168,7 @@ def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = F
     fitdir = Path(fitdir)
     store = open_store(store_path)
     _check_output(fitdir)
+    resolve_device(cfg.device)  # refuse a device this machine lacks before any work
     if not (fitdir / "config.json").exists():
         sae = with_centroids(store_path, sae, cfg, centroids, progress)
         Trainer(store_path, fitdir, sae, cfg, progress).run()
