@@ -113,6 +113,7 @@ def test_browse_a_store_extracted_with_limit(demo_shards, tmp_path):
         progress=False)
     res = cli("browse", tmp_path / "f", "--out", tmp_path / "site", "--top", 2)
     assert res.exit_code == 0, res.output
+    assert Path(open_store(tmp_path / "s").attrs["source"]["location"]).is_absolute()
 
 
 def test_stale_temporaries_are_removed_and_never_listed(fit_store, small_fit, tmp_path):
