@@ -113,7 +113,7 @@ bench: venv $(REFERENCE)/.installed
 	$(BIN)/python -m benchmarks.codecs
 	$(BIN)/python -m benchmarks.fit_loader
 	$(BIN)/python -m benchmarks.ra_step
-	$(BIN)/python -m benchmarks.demo_fit
+	$(BIN)/python -m benchmarks.demo_fit --store $(RUNS)/demo/vit
 
 clean:
 	rm -rf $(VENV) $(RUNS) .bench $(REPORT)
