@@ -149,6 +149,18 @@ def import_(src, out, key, dtype, chunk_images):
     _print_info(import_activations(src, out, key=key, dtype=dtype, chunk_images=chunk_images).summary())
 
 
+@main.command("import-weights")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", required=True, help="The preset or timm:<name> the weights are for.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .safetensors file to write.")
+def import_weights_(src, model, out):
+    """Convert weights of another layout (lukemelas EfficientNet .pth, read as plain tensors)
+    into a timm model's .safetensors, for --weights."""
+    from archsae.extract.weights import import_weights
+
+    click.echo(f"wrote {out} (sha256 {import_weights(src, out, model)})")
+
+
 @main.command()
 @click.argument("store", type=click.Path())
 @KMEANS

