@@ -328,7 +328,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--weights", default="pretrained", show_default=True, help="pretrained, auto, random, or a .safetensors file.")
 @click.option("--store", type=click.Path(), help="A store of this model's last layer [extract the demo data].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fits and plausibility.json.")
-@click.option("--sizes", default="512,2048,8192", show_default=True, help="Dictionary sizes (comma-separated).")
+@click.option("--sizes", help="Dictionary sizes, comma-separated [512,2048,8192, those the store's "
+              "centroids allow].")
 @click.option("--deltas", default="0,0.5,1,2", show_default=True, help="Relaxations of the archetypal SAE (0: A-SAE).")
 @N_CENTROIDS
 @TRAINING
@@ -337,7 +338,7 @@ def plausibility_(model, weights, store, out, sizes, deltas, **options):
     from archsae.evaluate.plausibility import format_plausibility
     from archsae.pipelines import run_plausibility
 
-    sizes = tuple(int(s) for s in _floats(sizes))
+    sizes = tuple(int(s) for s in _floats(sizes)) if sizes else None
     report = run_plausibility(model, weights, out, store, sizes, _floats(deltas),
                               FitSettings(**TRAINING.values(options)),
                               CentroidSettings(**N_CENTROIDS.values(options)))

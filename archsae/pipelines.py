@@ -72,11 +72,15 @@ def run_identifiability(model: str, weights: str, out, n_collages: int = 4000, o
     return report
 
 
-def run_plausibility(model: str, weights: str, out, store=None, sizes=(512, 2048),
+PLAUSIBILITY_SIZES = (512, 2048, 8192)  # a sweep up to the paper's sizes (Table 2: up to 32k)
+
+
+def run_plausibility(model: str, weights: str, out, store=None, sizes=None,
                      deltas=(0.0, 1.0), cfg: FitSettings = FitSettings(),
                      centroids: CentroidSettings = CentroidSettings(), progress: bool = True) -> dict:
     """Fit TopK and archetypal SAEs (one per delta) at each size on the store (extracted from
-    the demo data when not given), and score their atoms against the head."""
+    the demo data when not given), and score their atoms against the head. Sizes default to
+    `PLAUSIBILITY_SIZES` up to the number of centroids the store supports."""
     out = Path(out)
     backbone = build_backbone(model, weights)
     rows, mapping = head_rows(backbone.model)  # refuse a headless backbone before any work
@@ -87,6 +91,8 @@ def run_plausibility(model: str, weights: str, out, store=None, sizes=(512, 2048
     _check_plausibility_store(opened, model, backbone.weights, rows.shape[1])
     points = centroid_set(store, centroids, cfg.tokens, cfg.split, progress)
     n_points = len(opened.load_centroids(points)[0])
+    if sizes is None:
+        sizes = tuple(s for s in PLAUSIBILITY_SIZES if s <= n_points) or (n_points,)
     if n_points < max(sizes):
         raise UserError(f"{max(sizes)} archetypal atoms need at least as many centroids, the set "
                         f"{points} has {n_points}: compute more centroids or use smaller sizes")

@@ -131,6 +131,10 @@ def test_plausibility_cli(fit_store, tmp_path):
         cos = (rows / rows.norm(dim=1, keepdim=True)) @ (raw / raw.norm(dim=1, keepdim=True)).T
         assert row["plausibility"] == pytest.approx(float(cos.max(1).values.mean()), abs=1e-9)
     res = cli("bench", "plausibility", "--model", TINY, "--weights", "random", "--store", fit_store,
+              "--out", tmp_path / "d", "--deltas", "1", "--epochs", 1, "--n-centroids", 64)
+    assert res.exit_code == 0, res.output  # default sizes fit the store: 64 centroids, size 64
+    assert {r["concepts"] for r in json.loads((tmp_path / "d" / "plausibility.json").read_text())["rows"]} == {64}
+    res = cli("bench", "plausibility", "--model", TINY, "--weights", "random", "--store", fit_store,
               "--out", tmp_path / "x", "--sizes", "16,big")
     assert res.exit_code == 2
     res = cli("bench", "plausibility", "--model", TINY, "--weights", "random", "--store", fit_store,
