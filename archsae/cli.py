@@ -13,7 +13,8 @@ import click
 from archsae.cache import DTYPES
 from archsae.errors import InvalidSetting, UserError
 from archsae.files import write_json
-from archsae.fit.settings import SAE_PRESETS, CentroidSettings, FitSettings, SAESettings
+from archsae.fit.settings import (SAE_PRESETS, CentroidSettings, FitSettings, SAESettings,
+                                  preset_values)
 from archsae.options import SettingsOptions, flag_of
 from archsae.paths import default_store_dir
 
@@ -198,7 +199,7 @@ def fit_(store, sae, out, resume, **options):
     values = {**SAE_KIND.values(options), **SAE_SIZE.values(options)}
     if (Path(out) / "config.json").is_file():  # continue it: only the settings named may differ
         if sae:
-            values = {**dict(zip(("encoder", "dictionary", "delta"), SAE_PRESETS[sae])), **values}
+            values = {**preset_values(sae), **values}
         settings, cfg = resumed_settings(out, values, TRAINING.values(options))
     else:
         settings = sae_settings(sae, open_store(store).d, **values)

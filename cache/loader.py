@@ -37,13 +37,14 @@ class TokenStore:
         self.store: ActivationStore = store if isinstance(store, ActivationStore) else open_store(store)
         if part not in PARTS:
             raise UserError(f"unknown part {part!r} of the split: use one of {', '.join(PARTS)}")
-        if not self.store.complete:
+        done = self.store.done_units()
+        if not done.all():
             raise UserError(f"{self.store.path} is incomplete: rerun the same `archsae extract` "
                             "command to finish it")
         self.tokens, self.part, self.split = tokens, part, split
         self.positions = self.store.positions(tokens)
         self.d = self.store.d
-        images = self.store.valid_images()
+        images = self.store.valid_images(done)
         held = split.heldout_mask(self.store.n_images)
         if part == "train":
             images &= ~held

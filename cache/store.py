@@ -158,10 +158,10 @@ def create_or_open(path, spec: StoreSpec) -> "ActivationStore":
 def resumable_units(store: "ActivationStore", units: list[int], progress: bool = True) -> list[int]:
     """Which of `units` a (re)run must write: those not done, and done ones whose chunks are
     missing or fail to decode (they are marked not done first)."""
-    damaged = store.unreadable_units(units, progress)
-    store.undo(damaged)
     done = store.done_units()
-    return [u for u in units if not done[u]]
+    damaged = store.unreadable_units([u for u in units if done[u]], progress)
+    store.undo(damaged)
+    return [u for u in units if not done[u] or u in damaged]
 
 
 def open_store(path, mode: str = "r") -> "ActivationStore":
@@ -244,11 +244,10 @@ class ActivationStore:
         return done
 
     def unreadable_units(self, units=None, progress: bool = True) -> list[int]:
-        """Done units (of `units`, default all) whose data chunks fail to decode (checksum,
-        codec): every chunk of them is read."""
+        """Units (default: every done unit) whose data chunks fail to decode (checksum, codec):
+        every chunk of them is read."""
         bad = []
-        done = self.done_units()
-        units = [u for u in (range(self.n_units) if units is None else units) if done[u]]
+        units = np.flatnonzero(self.done_units()) if units is None else units
         for u in tqdm(units, unit="unit", desc="verify", disable=not progress):
             start, stop = self.unit_bounds(u)
             try:
@@ -345,9 +344,10 @@ class ActivationStore:
         keys = np.asarray(self.group["keys"][:])
         return {str(keys[i]): str(errs[i]) for i in bad}
 
-    def valid_images(self) -> np.ndarray:
-        """Boolean mask of images that are in done units and were read without error."""
-        done = np.repeat(self.done_units(), self.chunk_images)[: self.n_images]
+    def valid_images(self, done: np.ndarray | None = None) -> np.ndarray:
+        """Boolean mask of images that are in done units (`done`, when the caller already has
+        it) and were read without error."""
+        done = np.repeat(self.done_units() if done is None else done, self.chunk_images)[: self.n_images]
         return done & (np.asarray(self.group["errors"][:]) == "")
 
     # -- centroids ------------------------------------------------------------------------

@@ -155,6 +155,13 @@ class SAESettings(Settings):
         return self.dictionary == "archetypal" or self.decoder_init == "centroids"
 
 
+def preset_values(sae: str) -> dict:
+    """The fields a named SAE sets: {"encoder", "dictionary", "delta"}."""
+    if sae not in SAE_PRESETS:
+        raise InvalidSetting("sae", f"{{name}} {sae!r} is not one of {', '.join(SAE_PRESETS)}")
+    return dict(zip(("encoder", "dictionary", "delta"), SAE_PRESETS[sae]))
+
+
 def sae_settings(sae: str | None, d: int, concepts: int | None = None, top_k: int | None = None,
                  **values) -> SAESettings:
     """Settings of a named SAE (`SAE_PRESETS`) with the paper's defaults (k = 5 d, top-k = k / 10);
@@ -163,9 +170,7 @@ def sae_settings(sae: str | None, d: int, concepts: int | None = None, top_k: in
     values = {k: v for k, v in {**values, "concepts": concepts, "top_k": top_k}.items() if v is not None}
     if sae is None:
         return SAESettings(d=d, **values)
-    if sae not in SAE_PRESETS:
-        raise InvalidSetting("sae", f"{{name}} {sae!r} is not one of {', '.join(SAE_PRESETS)}")
-    preset = dict(zip(("encoder", "dictionary", "delta"), SAE_PRESETS[sae]))
+    preset = preset_values(sae)
     for key in ("encoder", "dictionary"):
         if key in values and values[key] != preset[key]:
             raise InvalidSetting(key, f"{{name}} {values[key]} contradicts the SAE {sae!r} "
