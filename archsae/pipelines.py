@@ -24,26 +24,33 @@ from archsae.fit import CentroidSettings, FitSettings, centroid_set, fit, load, 
 
 
 def run_stability_study(store, out, names: list[str], cfg: FitSettings, kmeans: CentroidSettings,
-                        seeds: int, subsets: bool, progress: bool = True, **sae_values) -> dict:
-    """The stability study of the named SAEs and their controls; every variant, the TopK
-    control started at the centroids included, shares one centroid set of the train split."""
+                        seeds: int, varies: str = "seed", progress: bool = True, **sae_values) -> dict:
+    """The stability study of the named SAEs and their controls. Every variant, the TopK control
+    started at the centroids included, shares one centroid set of the train split; across
+    centroid sets (`varies="centroids"`), run i uses the set of K-means seed kmeans.seed + i."""
     if seeds < 2:
         raise UserError(f"{seeds} seeds: stability compares pairs of runs, use at least 2")
     if not names:
         raise UserError("no SAE to study: name at least one (e.g. ra,a)")
     d = open_store(store).d
     saes = [sae_settings(name, d, **sae_values) for name in names]  # refuse bad names first
-    if sae_values.get("centroids") is None:
+    centroid_sets = None
+    if varies == "centroids":
+        if sae_values.get("centroids") is not None:
+            raise UserError("a study across centroid sets computes its own: leave --centroids out")
+        centroid_sets = [centroid_set(store, replace(kmeans, seed=kmeans.seed + i), cfg.tokens,
+                                      cfg.split, progress) for i in range(seeds)]
+    elif sae_values.get("centroids") is None:
         points = centroid_set(store, kmeans, cfg.tokens, cfg.split, progress)
         saes = [replace(sae, centroids=points) for sae in saes]
-    return stability_study(store, out, saes, cfg, seeds, subsets, progress)
+    return stability_study(store, out, saes, cfg, seeds, varies, centroid_sets, progress)
 
 
 def run_identifiability(model: str, weights: str, out, n_collages: int = 4000, objects_dir=None,
-                        methods=METHODS, seed: int = 0, epochs: int = 200, batch_size: int = 32,
-                        device: str | None = None, progress: bool = True) -> dict:
-    """Build (or reuse) each object set's collages and their store, fit every method, score it.
-    `batch_size` is in images (the backbone's batches)."""
+                        methods=METHODS, seed: int = 0, seeds: int = 3, epochs: int = 200,
+                        batch_size: int = 32, device: str | None = None, progress: bool = True) -> dict:
+    """Build (or reuse) each object set's collages (layout drawn with `seed`) and their store,
+    fit every method `seeds` times, score it. `batch_size` is in images (the backbone's batches)."""
     if n_collages < 20:
         raise UserError(f"{n_collages} collages are too few: use at least 20 (4000 by default)")
     out = Path(out)
@@ -54,7 +61,7 @@ def run_identifiability(model: str, weights: str, out, n_collages: int = 4000, o
             raise UserError(f"{n_collages} collages are too few for {len(objects)} archetypes "
                             f"({name}): use at least {2 * POINTS_PER_CENTROID * len(objects)}")
     report = {"model": model, "collages_per_set": n_collages, "split": "half train, half test",
-              "per_collage": PER_COLLAGE, "sets": {}}
+              "per_collage": PER_COLLAGE, "seeds": seeds, "epochs": epochs, "sets": {}}
     for name, objects in sets.items():
         data = out / f"{name}-{n_collages}-seed{seed}"
         pattern = write_collages(objects, n_collages, data / "shards", seed)
@@ -66,7 +73,7 @@ def run_identifiability(model: str, weights: str, out, n_collages: int = 4000, o
         report["sets"][name] = {
             "objects": [o[0] for o in objects], "store": str(store.path),
             "chance": 1 - PER_COLLAGE / len(objects),
-            "methods": score_methods(pooled, present, PER_COLLAGE, methods, seed, epochs, progress, name)}
+            "methods": score_methods(pooled, present, PER_COLLAGE, methods, seeds, epochs, progress, name)}
     report["mean"] = {m: float(np.mean([s["methods"][m]["score"] for s in report["sets"].values()]))
                       for m in methods}
     return report

@@ -1,14 +1,33 @@
 """Shared by the benchmarks: a store of real activations, and the RESULT line. Benchmarks work
 in `tempfile.TemporaryDirectory()` folders, so nothing is left behind."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+
+REFERENCE = Path(__file__).resolve().parent.parent / ".bench" / "reference"
 
 
 def result(name: str, value: float, op: str, target: float) -> None:
     """The one line per figure that `make bench` collects."""
     print(f"RESULT {name} {value:.3f} target {op} {target}")
+
+
+def run_reference(module: str, argv: list[str]) -> dict:
+    """Run `python -m <module> --reference <argv>` with the reference library (overcomplete
+    0.3.0, installed by `make bench` into .bench/reference, outside our venv) on its path;
+    return the JSON object it prints last."""
+    if not (REFERENCE / "overcomplete").is_dir():
+        sys.exit(f"the reference library is not installed in {REFERENCE}: run `make bench` "
+                 "(it installs overcomplete==0.3.0 there, outside the venv)")
+    done = subprocess.run([sys.executable, "-m", module, "--reference", *argv],
+                          env={**os.environ, "PYTHONPATH": f"{REFERENCE}{os.pathsep}{os.getcwd()}"},
+                          stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def real_activation_store(n_images: int, workdir, model: str = "vit"):

@@ -16,18 +16,14 @@ overcomplete with matplotlib<3.9, einops, opencv) to its path, so it never touch
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import result
+from benchmarks.common import result, run_reference
 
-REFERENCE = Path(__file__).resolve().parent.parent / ".bench" / "reference"
 
 
 def timed(step, x, steps: int) -> float:
@@ -96,14 +92,7 @@ def main() -> None:
     if args.reference:
         print(json.dumps(reference(args)))
         return
-    if not (REFERENCE / "overcomplete").is_dir():
-        sys.exit(f"the reference library is not installed in {REFERENCE}: run `make bench` "
-                 "(it installs overcomplete==0.3.0 there, outside the venv)")
-    ref_run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.ra_step", "--reference", *sys.argv[1:]],
-        env={**os.environ, "PYTHONPATH": f"{REFERENCE}{os.pathsep}{os.getcwd()}"},
-        capture_output=True, text=True, check=True)
-    ref = json.loads(ref_run.stdout.strip().splitlines()[-1])
+    ref = run_reference("benchmarks.ra_step", sys.argv[1:])
     our = ours(args)
     print(f"d={args.d}, {args.concepts} concepts, {args.centroids} centroids, batch {args.batch}, "
           f"torch threads {torch.get_num_threads()}; median of {args.steps} steps (s):")

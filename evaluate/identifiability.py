@@ -67,27 +67,44 @@ def method_codes(method: str, train: torch.Tensor, test: torch.Tensor, k: int, t
 
 
 def score_methods(pooled: torch.Tensor, present: np.ndarray, per_collage: int, methods=METHODS,
-                  seed: int = 0, epochs: int = 200, progress: bool = True, name: str = "") -> dict:
-    """Every method on one object set: the first half of the vectors trains, the second tests.
-    SAEs keep `per_collage` codes per image (top-k = objects per collage)."""
+                  seeds: int = 3, epochs: int = 200, progress: bool = True, name: str = "") -> dict:
+    """Every method on one object set, `seeds` times (seeds 0..seeds-1 of its initialisation
+    or sample): the first half of the vectors trains, the second tests. SAEs keep `per_collage`
+    codes per image (top-k = objects per collage). Scores are means over seeds, with their sd."""
     half = len(pooled) // 2
     mean, std = pooled[:half].mean(0), pooled[:half].std(0).clamp_min(1e-6)
     train, test = (pooled[:half] - mean) / std, (pooled[half:] - mean) / std
     k = present.shape[1]
     scores = {}
-    for method in tqdm(methods, unit="method", desc=f"dictionaries {name}", disable=not progress):
-        z_train, z_test = method_codes(method, train, test, k, per_collage, seed, epochs)
-        scores[method] = identifiability_scores(z_train, present[:half], z_test, present[half:])
+    bar = tqdm(total=len(methods) * seeds, unit="fit", desc=f"dictionaries {name}", disable=not progress)
+    for method in methods:
+        runs = []
+        for seed in range(seeds):
+            z_train, z_test = method_codes(method, train, test, k, per_collage, seed, epochs)
+            runs.append(identifiability_scores(z_train, present[:half], z_test, present[half:]))
+            bar.update(1)
+        scores[method] = {
+            "score": float(np.mean([r["score"] for r in runs])),
+            "score_sd": float(np.std([r["score"] for r in runs], ddof=1)) if seeds > 1 else None,
+            "scores": [r["score"] for r in runs],
+            "per_object": np.mean([r["per_object"] for r in runs], axis=0).tolist(),
+            "score_best_on_test": float(np.mean([r["score_best_on_test"] for r in runs]))}
+    bar.close()
     return scores
 
 
 def format_identifiability(report: dict) -> str:
     sets = list(report["sets"])
     lines = [f"soft identifiability ({report['model']}, {report['weights']}, "
-             f"{report['collages_per_set']} collages per set, test half):",
-             f"  {'method':10s} " + " ".join(f"{s[:12]:>12s}" for s in sets) + f" {'mean':>8s}"]
+             f"{report['collages_per_set']} collages per set, test half, mean +- sd over "
+             f"{report['seeds']} seeds):",
+             f"  {'method':10s} " + " ".join(f"{s[:16]:>16s}" for s in sets) + f" {'mean':>8s}"]
     for m, mean in report["mean"].items():
-        lines.append(f"  {m:10s} " + " ".join(f"{report['sets'][s]['methods'][m]['score']:12.4f}"
-                                              for s in sets) + f" {mean:8.4f}")
-    lines.append(f"  {'chance':10s} " + " ".join(f"{report['sets'][s]['chance']:12.4f}" for s in sets))
+        cells = []
+        for s in sets:
+            r = report["sets"][s]["methods"][m]
+            sd = "" if r["score_sd"] is None else f" +- {r['score_sd']:.3f}"
+            cells.append(f"{r['score']:.3f}{sd}".rjust(16))
+        lines.append(f"  {m:10s} " + " ".join(cells) + f" {mean:8.4f}")
+    lines.append(f"  {'chance':10s} " + " ".join(f"{report['sets'][s]['chance']:16.3f}" for s in sets))
     return "\n".join(lines)

@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from archsae.errors import UserError
+from archsae.evaluate.study import VARIES
 from archsae.files import replaced_atomically, write_json
 
-HEADLINE = ("r2", "l0", "dead", "stability_seeds", "stability_subsets", "max_cosine", "ood", "stable_rank",
-            "effective_rank", "coherence", "connectivity", "negative_interference")
+STABILITY = tuple(column for _, column in VARIES.values())
+HEADLINE = ("r2", "l0", "dead") + STABILITY + ("max_cosine", "ood", "stable_rank",
+                                               "effective_rank", "coherence", "connectivity", "negative_interference")
 LABELS = {"r2": "R^2", "l0": "L0", "dead": "dead", "stability_seeds": "stability (seeds)",
-          "stability_subsets": "stability (90% subsets)", "max_cosine": "max cosine", "ood": "OOD", "stable_rank": "stable rank",
+          "stability_subsets": "stability (90% subsets)", "stability_centroids": "stability (centroid sets)",
+          "max_cosine": "max cosine", "ood": "OOD", "stable_rank": "stable rank",
           "effective_rank": "effective rank", "coherence": "coherence",
           "connectivity": "connectivity", "negative_interference": "neg. interference"}
 ENCODER_LABELS = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU", "relu": "ReLU (L1 penalty)"}
@@ -49,7 +52,7 @@ def collect(studies=(), baselines=None, identifiability=None, plausibility=None,
     studies = [_read(p) for p in paths]
     methods, curves = {}, {}
     for path, study in zip(paths, studies):
-        key = "stability_subsets" if study["varies"].startswith("data") else "stability_seeds"
+        key = VARIES[study["varies"]][1]
         for name, v in study["variants"].items():
             row = methods.setdefault(name, {"method": name, "family": "sae",
                                             "description": _describe(name)})
@@ -96,6 +99,10 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _mean_sd(r: dict) -> str:
+    return f"{r['score']:.4f}" + ("" if r["score_sd"] is None else f" +- {r['score_sd']:.4f}")
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
@@ -117,8 +124,8 @@ def write_markdown(report: dict, out: Path, plots: dict[str, str]) -> None:
                      [[r["description"], r.get("concepts")] + [r[k] for k in HEADLINE]
                       for r in report["methods"]])
         md += ["", "Stability standard deviations across pairs:", ""]
-        md += _table(["method", "sd (seeds)", "sd (subsets)"],
-                     [[r["description"], r.get("stability_seeds_sd"), r.get("stability_subsets_sd")]
+        md += _table(["method"] + [f"sd ({LABELS[k][len('stability ('):-1]})" for k in STABILITY],
+                     [[r["description"]] + [r.get(k + "_sd") for k in STABILITY]
                       for r in report["methods"]])
         kinds = [k for k in next(iter(report["methods"]))["metrics"] if k != "all"]
         if kinds:
@@ -131,10 +138,10 @@ def write_markdown(report: dict, out: Path, plots: dict[str, str]) -> None:
         sets = list(ident["sets"])
         md += ["", "## Soft identifiability", "",
                f"{ident['model']} ({ident['weights']}), {ident['collages_per_set']} collages per set, "
-               "code and threshold chosen on the train half, accuracy on the test half; chance = "
-               "always answering 'absent'.", ""]
+               "code and threshold chosen on the train half, accuracy on the test half, mean +- sd "
+               f"over {ident['seeds']} seeds of each method; chance = always answering 'absent'.", ""]
         md += _table(["method"] + sets + ["mean"],
-                     [[m] + [ident["sets"][s]["methods"][m]["score"] for s in sets] + [ident["mean"][m]]
+                     [[m] + [_mean_sd(ident["sets"][s]["methods"][m]) for s in sets] + [ident["mean"][m]]
                       for m in ident["mean"]] + [["chance"] + [ident["sets"][s]["chance"] for s in sets]
                                                   + [float(np.mean([ident["sets"][s]["chance"] for s in sets]))]])
     plaus = report["plausibility"]
@@ -201,11 +208,12 @@ def _method_plots(plt, methods: list[dict], save) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     names = [r["method"] for r in methods]
-    for i, key in enumerate(("stability_seeds", "stability_subsets")):
+    width = 0.8 / len(STABILITY)
+    for i, key in enumerate(STABILITY):
         vals = [r.get(key) or 0 for r in methods]
         errs = [r.get(key + "_sd") or 0 for r in methods]
-        ax.bar(np.arange(len(names)) + 0.4 * i, vals, 0.4, yerr=errs, label=LABELS[key])
-    ax.set_xticks(np.arange(len(names)) + 0.2, names, rotation=45, ha="right", fontsize=7)
+        ax.bar(np.arange(len(names)) + width * i, vals, width, yerr=errs, label=LABELS[key])
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha="right", fontsize=7)
     ax.set(ylabel="mean |cos| after matching", ylim=(0, 1.05))
     ax.legend(fontsize=7)
     save(fig, "stability.png", "Stability with controls")

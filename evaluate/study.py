@@ -1,8 +1,9 @@
 """The stability study with its controls (the critique in PAPER.md, "Ablating Archetypes").
 
-For one SAE, fits `seeds` runs that differ only in their seed (or, with `subsets`, only in the
-90% of training images they see, seed fixed), then the same for the controls that separate the
-hull constraint from its side effects:
+For one SAE, fits `seeds` runs that differ in one thing (`VARIES`): their seed; or the 90% of
+training images they see, seed fixed; or their centroids (a K-means seed per run) and their
+seed, which is the honest test of a dictionary pinned to its centroids. Then the same for the
+controls that separate the hull constraint from its side effects:
 - TopK, random init: the usual baseline;
 - TopK, decoder initialised at the centroids: the shared, deterministic K-means start alone;
 - the archetypal SAE with the projection turned off: the start without the constraint.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from archsae.evaluate.run import evaluate_fit
 from archsae.evaluate.stability import compare_runs
+from archsae.errors import UserError
 from archsae.files import write_json
 from archsae.fit import FitSettings, SAESettings, fit, load
 
@@ -37,19 +39,41 @@ def study_variants(saes: list[SAESettings]) -> dict[str, SAESettings]:
     return variants
 
 
+# what changes between the runs of a study -> (its description, the report's column)
+VARIES = {
+    "seed": ("seed", "stability_seeds"),
+    "subset": ("data subset (90% of training images, seed fixed)", "stability_subsets"),
+    "centroids": ("K-means seed of the centroids, and seed", "stability_centroids"),
+}
+
+
+def _run(settings: SAESettings, cfg: FitSettings, varies: str, i: int, centroid_sets):
+    """The settings of run i of a study."""
+    if varies == "subset":
+        return settings, replace(cfg, subset=0.9, subset_seed=i)
+    if varies == "centroids":
+        settings = replace(settings, centroids=centroid_sets[i])
+    return settings, replace(cfg, seed=i)
+
+
 def stability_study(store, out, saes: list[SAESettings], cfg: FitSettings, seeds: int = 4,
-                    subsets: bool = False, progress: bool = True) -> dict:
-    """Fit every variant `seeds` times (finished runs are reused) and report their stability."""
+                    varies: str = "seed", centroid_sets: list[str] | None = None,
+                    progress: bool = True) -> dict:
+    """Fit every variant `seeds` times (finished runs are reused) and report their stability.
+    With `varies="centroids"`, run i uses `centroid_sets[i]`, and variants without centroids
+    (TopK, random init: the same runs as a seed study) are left out."""
     out = Path(out)
+    if varies == "centroids" and len(centroid_sets or ()) < seeds:
+        raise UserError(f"a study across centroid sets needs {seeds} sets, got {len(centroid_sets or ())}")
     report = {"store": str(store), "saes": [s.to_dict() for s in saes], "fit": cfg.to_dict(), "seeds": seeds,
-              "varies": "data subset (90% of training images)" if subsets else "seed",
-              "variants": {}}
+              "varies": varies, "varies_description": VARIES[varies][0], "variants": {}}
     for name, settings in study_variants(saes).items():
+        if varies == "centroids" and not settings.needs_centroids:
+            continue
         runs, evaluations = [], []
         for i in range(seeds):
-            run_cfg = replace(cfg, subset=0.9, subset_seed=i) if subsets else replace(cfg, seed=i)
             run_dir = out / name / f"run{i}"
-            fit(store, run_dir, replace(settings), run_cfg, resume=True, progress=progress)
+            fit(store, run_dir, *_run(settings, cfg, varies, i, centroid_sets), resume=True, progress=progress)
             runs.append(load(run_dir).dictionary.weight().detach())
             evaluations.append(evaluate_fit(run_dir, progress=False))
         report["variants"][name] = {
@@ -60,7 +84,7 @@ def stability_study(store, out, saes: list[SAESettings], cfg: FitSettings, seeds
 
 
 def format_study(report: dict) -> str:
-    lines = [f"stability across {report['seeds']} runs varying the {report['varies']}, "
+    lines = [f"stability across {report['seeds']} runs varying the {report['varies_description']}, "
              "and held-out R^2:"]
     for name, r in report["variants"].items():
         sd = "" if r["sd"] is None else f" +- {r['sd']:.4f}"

@@ -87,4 +87,6 @@ def write_collages(objects, n_collages: int, out: Path, seed: int = 0) -> str:
         img = render_collage([objects[j][1] for j in layout[i]], np.random.default_rng([seed, i]))
         return f"collage-{i:06d}", img, int(layout[i][0])
 
-    return write_shards(out, n_collages, render, "collage")
+    about = (f"{n_collages} 2 x 2 collages of 4 distinct objects out of {len(objects)} "
+             f"({', '.join(name for name, _ in objects)}), seed {seed}")
+    return write_shards(out, n_collages, render, "collage", about)

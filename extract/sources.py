@@ -24,6 +24,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
 LABEL_FIELDS = ("cls", "cls.txt", "cls2")
+ABOUT_FILE = "about.txt"  # beside the images or shards: one line saying what the set is
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,16 @@ class ImageSource:
 
     def describe(self) -> dict:
         return {"kind": self.kind, "location": self.location, "n_images": len(self.records),
-                "label_names": self.label_names}
+                "label_names": self.label_names, "about": self.about()}
+
+    def about(self) -> str | None:
+        """The first line of `about.txt` in the images' folder (the shards' folder), if any."""
+        folder = Path(self.location)
+        path = (folder if self.kind == "folder" else folder.parent) / ABOUT_FILE
+        try:
+            return path.read_text(errors="replace").splitlines()[0].strip() or None
+        except (OSError, IndexError):
+            return None
 
 
 def open_source(spec: str) -> ImageSource:

@@ -42,14 +42,17 @@ class TrainingStep:
             self.model.input_std.copy_(std)
         self.model.to(device)
         self.model.project_()
-        # W and Lambda move on the scale of the simplex, not of the encoder: their own rate;
+        # W and Lambda move on the scale of the simplex, not of the encoder: their own rate.
+        # W's large eps keeps it sparse; Lambda is plain Adam, or it never leaves 0 (its
+        # gradients are far below that eps) and RA-SAE stays A-SAE (docs/fit.md).
         # JumpReLU thresholds must travel O(1) in a few hundred steps: 10 x lr.
         groups = {"model": {"params": [], "lr": cfg.lr},
-                  "archetypal": {"params": [], "lr": cfg.dictionary_lr, "eps": cfg.dictionary_eps},
+                  "W": {"params": [], "lr": cfg.dictionary_lr, "eps": cfg.dictionary_eps},
+                  "relax": {"params": [], "lr": cfg.dictionary_lr},
                   "threshold": {"params": [], "lr": 10 * cfg.lr}}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                group = ("archetypal" if name in ("dictionary.W", "dictionary.relax") else
+                group = ("W" if name == "dictionary.W" else "relax" if name == "dictionary.relax" else
                          "threshold" if name.endswith("log_threshold") else "model")
                 groups[group]["params"].append(p)
         groups = [{**g, "name": n} for n, g in groups.items() if g["params"]]

@@ -52,13 +52,15 @@ def test_identifiability_cli_on_user_objects(tmp_path):
         img = np.clip(colour + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(objects / f"object{i}.png")
     res = cli("bench", "identifiability", "--model", TINY, "--weights", "random", "--collages", 60,
-              "--objects", objects, "--out", tmp_path / "out", "--epochs", 20)
+              "--objects", objects, "--out", tmp_path / "out", "--epochs", 20, "--seeds", 2)
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "identifiability.json").read_text())
     entry = report["sets"]["objects"]
     assert entry["chance"] == pytest.approx(1 - 4 / 6) and len(entry["objects"]) == 6
     for score in entry["methods"].values():
-        assert 0 < score["score"] <= 1
+        assert 0 < score["score"] <= 1 and len(score["scores"]) == 2
+        assert score["score"] == pytest.approx(np.mean(score["scores"]))
+        assert score["score_sd"] == pytest.approx(np.std(score["scores"], ddof=1))
     # flat colours are told apart even by a random backbone: K-means finds the objects
     assert entry["methods"]["kmeans"]["score"] >= entry["chance"] + 0.3
     assert report["weights"] == "random:seed0" and "chance" in res.output

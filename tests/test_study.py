@@ -1,4 +1,4 @@
-"""The stability study with its controls, and training on data subsets."""
+"""The stability study with its controls, across seeds, data subsets and centroid sets."""
 
 import json
 
@@ -45,3 +45,21 @@ def test_topk_study_finds_centroids_for_its_control(fit_store, tmp_path):
     assert res.exit_code == 0, res.output
     config = json.loads((tmp_path / "topk-centroid-init" / "run0" / "config.json").read_text())
     assert config["centroids"]["name"] == "k64-seed0-all-heldout0.1s0"
+
+
+def test_study_across_centroid_sets_gives_each_run_its_own_kmeans(fit_store, tmp_path):
+    res = cli("stability-study", fit_store, "--sae", "ra", "--out", tmp_path, "--seeds", 2, "--vary",
+              "centroids", "--concepts", 32, "--top-k", 4, "--n-centroids", 64, "--epochs", 1,
+              "--batch-size", 256)
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "stability.json").read_text())
+    assert report["varies"] == "centroids"
+    # TopK with a random init has no centroids: its runs are those of a seed study
+    assert set(report["variants"]) == {"ra", "topk-centroid-init", "ra-no-projection"}
+    for variant in report["variants"]:
+        names = [json.loads((tmp_path / variant / f"run{i}" / "config.json").read_text())["centroids"]["name"]
+                 for i in range(2)]
+        assert names == ["k64-seed0-all-heldout0.1s0", "k64-seed1-all-heldout0.1s0"]
+    res = cli("stability-study", fit_store, "--sae", "ra", "--out", tmp_path / "b", "--vary", "centroids",
+              "--centroids", "k64-seed0-all-heldout0.1s0", "--concepts", 32)
+    assert res.exit_code == 2 and "leave --centroids out" in res.output

@@ -1,0 +1,148 @@
+"""A-/RA-SAE on real features, with the critique's controls and the reference's TopK beside them.
+
+On the demo store (`make demo`: EfficientNet-Lite0 with its ImageNet weights over the demo
+images), at the demo's sizes (the Makefile's DEMO_FIT), in a temporary folder:
+- the stability study users run (`archsae stability-study`): RA-SAE and A-SAE with TopK (random
+  init), TopK started at the centroids and RA-SAE without projection, 2 seeds; then RA-SAE and
+  the centroid-bound controls across centroid sets of different K-means seeds;
+- the reference library's TopKSAE (overcomplete 0.3.0, its own `train_sae` loop, Adam 5e-4 as in
+  its examples) on the same standardised train tokens in the same batches, scored on the same
+  held-out tokens by the same metric code;
+- soft identifiability of RA-SAE and TopK on the demo's collage stores (`--identifiability`, the
+  folder `archsae bench identifiability` wrote; its stores are reused, the fits are redone).
+
+    python -m benchmarks.real_features --store runs/demo/efficientnet_lite0 \
+        [--identifiability runs/demo/identifiability] [--concepts 512 --top-k 32 ...]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import result, run_reference
+from archsae.cache import TokenStore, open_store
+from archsae.fit import CentroidSettings, FitSettings
+
+
+def parse_args():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--identifiability", help="folder of `archsae bench identifiability` to reuse")
+    ap.add_argument("--concepts", type=int, default=512)
+    ap.add_argument("--top-k", type=int, default=32)
+    ap.add_argument("--n-centroids", type=int, default=1024)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--reference", action="store_true", help="(internal) fit the reference only")
+    return ap.parse_args()
+
+
+def reference(args) -> dict:
+    """The reference's TopKSAE, trained by its own loop on our loader's batches, evaluated by ours."""
+    from overcomplete.sae import TopKSAE
+    from overcomplete.sae.train import train_sae
+
+    from archsae.evaluate.run import evaluate_model
+
+    cfg = FitSettings(epochs=args.epochs)
+    store = open_store(args.store)
+    loader = TokenStore(store, part="train", split=cfg.split)
+
+    class Epochs:  # each pass over it is the next epoch of our loader: same tokens, same batches
+        epoch = 0
+
+        def __iter__(self):
+            yield from loader.batches(cfg.batch_size, seed=cfg.seed, epoch=self.epoch)
+            self.epoch += 1
+
+    torch.manual_seed(cfg.seed)
+    model = TopKSAE(store.d, args.concepts, top_k=args.top_k)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    train_sae(model, Epochs(), lambda x, x_hat, *_: (x - x_hat).square().mean(), optimizer,
+              nb_epochs=args.epochs, clip_grad=1.0, monitoring=0)
+    model.eval()
+
+    def predict(x):
+        _, z, x_hat = model(x)
+        return x_hat, z
+
+    with torch.no_grad():
+        metrics = evaluate_model(store, predict, model.get_dictionary(), lambda x: (x - loader.mean) / loader.std,
+                                 split=cfg.split, progress=False)["all"]
+    return {"r2": metrics["r2"], "l0": metrics["l0"], "dead": metrics["dead"]}
+
+
+def studies(args, work: Path) -> tuple[dict, dict]:
+    """The seed study (RA, A and controls) and the centroid-set study (RA and its centroid-bound
+    controls), as users run them."""
+    from archsae.pipelines import run_stability_study
+
+    sizes = {"concepts": args.concepts, "top_k": args.top_k}
+    cfg, kmeans = FitSettings(epochs=args.epochs), CentroidSettings(n_centroids=args.n_centroids)
+    seeds = run_stability_study(args.store, work / "seeds", ["ra", "a"], cfg, kmeans, args.seeds,
+                                "seed", progress=False, **sizes)
+    sets = run_stability_study(args.store, work / "centroids", ["ra"], cfg, kmeans, args.seeds,
+                               "centroids", progress=False, **sizes)
+    return seeds["variants"], sets["variants"]
+
+
+def identifiability(args) -> dict | None:
+    """Mean identifiability of TopK and RA-SAE over the object sets of an earlier
+    `archsae bench identifiability` (its collage stores are reused, its fits redone)."""
+    from archsae.pipelines import run_identifiability
+
+    path = Path(args.identifiability or "") / "identifiability.json"
+    if not args.identifiability or not path.is_file():
+        return None
+    earlier = json.loads(path.read_text())
+    return run_identifiability(earlier["model"], "pretrained", args.identifiability,
+                               earlier["collages_per_set"], methods=("topk", "ra"),
+                               seeds=earlier["seeds"], progress=False)["mean"]
+
+
+def main() -> None:
+    args = parse_args()
+    if args.reference:
+        print(json.dumps(reference(args)))
+        return
+    store = open_store(args.store)
+    print(f"store {args.store}: {store.attrs['model']} ({store.attrs['weights'][:60]}...), "
+          f"{store.n_images} images; {args.concepts} concepts, top-k {args.top_k}, "
+          f"{args.n_centroids} centroids, {args.epochs} epochs, {args.seeds} runs per variant")
+    ref = run_reference("benchmarks.real_features", sys.argv[1:])
+    with tempfile.TemporaryDirectory(prefix="archsae-real-") as work:
+        seeds, sets = studies(args, Path(work))
+    r2 = {name: statistics.mean(v["heldout_r2"]) for name, v in seeds.items()}
+    print(f"{'variant':22s} {'R^2':>7s} {'dead':>6s} {'stab. seeds':>12s} {'stab. centroid sets':>20s}")
+    for name, v in seeds.items():
+        across = sets.get(name, {}).get("mean")
+        print(f"{name:22s} {r2[name]:7.4f} {v['first_run']['metrics']['all']['dead']:6.3f} "
+              f"{v['mean']:12.4f} {'-' if across is None else f'{across:.4f}':>20s}")
+    print(f"{'reference TopKSAE':22s} {ref['r2']:7.4f} {ref['dead']:6.3f}")
+    print(f"TopK, random init: stability across seeds {seeds['topk']['mean']:.4f}")
+    result("real_ra_r2_minus_topk_r2", r2["ra"] - r2["topk"], ">=", -0.01)
+    result("real_ra_minus_a_r2", r2["ra"] - r2["a"], ">=", 0)
+    result("real_dead_ra", seeds["ra"]["first_run"]["metrics"]["all"]["dead"], "<=", 0.05)
+    result("real_topk_r2_minus_reference_topk_r2", r2["topk"] - ref["r2"], ">=", 0)
+    for name, v in seeds.items():  # each variant against TopK, random init
+        if name == "topk":
+            continue
+        result(f"real_stability_seeds_{name.replace('-', '_')}", v["mean"], ">", round(seeds["topk"]["mean"], 3))
+    for name, v in sets.items():
+        result(f"real_stability_centroid_sets_{name.replace('-', '_')}", v["mean"], ">",
+               round(seeds["topk"]["mean"], 3))
+    ident = identifiability(args)
+    if ident is None:
+        print("identifiability: no collage stores under --identifiability (run `make demo` first)")
+    else:
+        print(f"identifiability: TopK {ident['topk']:.4f}, RA-SAE {ident['ra']:.4f}")
+        result("real_identifiability_ra_minus_topk", ident["ra"] - ident["topk"], ">", 0)
+
+
+if __name__ == "__main__":
+    main()
