@@ -23,7 +23,7 @@ from archsae.paths import default_store_dir
 SAE_SIZE = SettingsOptions(SAESettings, ("concepts", "top_k", "projection", "multiplier", "centroids"))
 SAE_KIND = SettingsOptions(SAESettings, ("encoder", "dictionary", "delta", "project", "decoder_init"))
 TRAINING = SettingsOptions(FitSettings)
-N_CENTROIDS = SettingsOptions(CentroidSettings, ("n_centroids",))
+N_CENTROIDS = SettingsOptions(CentroidSettings, ("n_centroids", "sample", "niter"))
 KMEANS = SettingsOptions(CentroidSettings)
 CENTROID_DATA = SettingsOptions(FitSettings, ("tokens", "heldout", "split_seed"))
 

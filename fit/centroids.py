@@ -42,7 +42,9 @@ def centroid_set(store_path, settings: CentroidSettings = CentroidSettings(), to
     largest = largest_sensible_k(loader.n_tokens)
     k = settings.n_centroids or max(1, min(PAPER_CENTROIDS, largest))
     name = centroid_name(k, settings.seed, tokens, split)
+    n_sample = min(loader.n_tokens, settings.sample or DEFAULT_TOKENS_PER_CENTROID * k)
     if name in store.centroid_names() and not force:
+        _check_same_kmeans(store, name, settings, n_sample)
         return name
     if k > largest:
         raise UserError(f"{k} centroids need at least {MIN_TOKENS_PER_CENTROID * k} tokens, the "
@@ -51,7 +53,7 @@ def centroid_set(store_path, settings: CentroidSettings = CentroidSettings(), to
         raise InvalidSetting("sample", f"{{name}} {settings.sample} tokens are too few for {k} "
                                        f"centroids: give at least {MIN_TOKENS_PER_CENTROID * k}")
     seed, niter = settings.seed, settings.niter
-    x = loader.sample(settings.sample or DEFAULT_TOKENS_PER_CENTROID * k, seed=seed, progress=progress)
+    x = loader.sample(n_sample, seed=seed, progress=progress)
     n = len(x)
     use_gpu = (faiss.get_num_gpus() > 0 and torch.cuda.is_available()) if gpu is None else gpu
     kmeans = faiss.Kmeans(store.d, k, niter=1, seed=seed, gpu=use_gpu, verbose=False,
@@ -72,6 +74,16 @@ def centroid_set(store_path, settings: CentroidSettings = CentroidSettings(), to
         "niter": niter, "inertia": inertia, "standardised": True, "faiss_version": faiss.__version__,
         "gpu": bool(use_gpu)})
     return name
+
+
+def _check_same_kmeans(store, name: str, settings: CentroidSettings, n_sample: int) -> None:
+    """A stored set is reused only if it was computed as asked (its name says K, seed, tokens
+    and split; its metadata the sample and the iterations)."""
+    meta = store.load_centroids(name)[1]
+    if (meta["n_tokens_sampled"], meta["niter"]) != (n_sample, settings.niter):
+        raise UserError(f"the centroid set {name} exists with {meta['n_tokens_sampled']} tokens and "
+                        f"{meta['niter']} iterations, not {n_sample} and {settings.niter}: ask for "
+                        "those, or recompute it with `archsae centroids --force`")
 
 
 def load_points(store, name: str) -> torch.Tensor:

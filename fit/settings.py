@@ -194,8 +194,8 @@ class FitSettings(Settings):
     dictionary_eps: float = setting(1e-3, "Adam's eps for W (see docs/fit.md).", low=0, low_open=True)
     warmup: float = setting(0.05, "Fraction of the steps spent warming the learning rate up.",
                             low=0, high=1, high_open=True)
-    final_lr: float = setting(0.1, "Fraction of the learning rate reached at the end of the cosine decay.",
-                              low=0, high=1)
+    final_lr: float = setting(1.0, "Fraction of the learning rate reached at the end of a cosine decay "
+                                   "(1: none; see docs/fit.md).", low=0, high=1)
     clip_grad: float = setting(1.0, "Gradient-norm clip (0: off).", low=0)
     aux_k: int | None = setting(None, "Codes of the AuxK dead-code loss [2 x top-k].", low=1, type=int)
     aux_alpha: float = setting(1 / 32, "Weight of the AuxK loss.", low=0)

@@ -1,5 +1,5 @@
 """One training step of an SAE: the loss (reconstruction, sparsity penalty, AuxK), Adam with
-per-group learning rates on a warm-up + cosine schedule, gradient clipping, then the
+per-group learning rates on a warm-up (then constant, or a cosine decay), gradient clipping, then the
 dictionary's constraint map. Everything a checkpoint must hold to resume lives here.
 
 Dead codes: AuxK (Gao et al. 2024) for every encoder. The codes that have not fired for

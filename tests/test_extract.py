@@ -339,3 +339,26 @@ def test_efficientnet_lite0_pretrained_offline_from_the_wheel(tmp_path, monkeypa
     assert int(logits.argmax()) in range(281, 286)  # a cat
     again = build_backbone("efficientnet_lite0", "auto")  # reuses the converted file
     assert again.weights == backbone.weights
+
+
+def test_demo_set_mixes_photos_and_drawings_and_says_what_it_is(tmp_path):
+    clipart = tmp_path / "clipart"
+    for category, colour in (("animals", (200, 40, 40, 255)), ("food", (40, 200, 40, 128))):
+        (clipart / category / "sub").mkdir(parents=True)
+        for i in range(2):  # drawings with transparency, one in a sub-folder
+            img = Image.new("RGBA", (90 + 10 * i, 60), (0, 0, 0, 0))
+            img.paste(Image.new("RGBA", (40, 30), colour), (20, 15))
+            img.save(clipart / category / ("sub" if i else ".") / f"d{i}.png")
+    src = open_source(write_demo_shards(16, out=tmp_path / "mixed", clipart_root=clipart))
+    drawings = [r for r in src.records if r.key.startswith("clipart-")]
+    assert len(drawings) == 12 and len(src) == 16
+    assert {r.label for r in drawings} == {100, 101}  # 100 + category index
+    assert {r.key.split("-")[1] for r in drawings[:2]} == {"animals", "food"}  # interleaved
+    with Image.open(io.BytesIO(src.read(0))) as img:
+        corner = np.asarray(img.convert("RGB"))[0, 0]
+    assert (corner > 240).all()  # flattened on white
+    about = src.describe()["about"]
+    assert about.startswith("16 images: 4 crops") and "12 Open Clip Art drawings" in about
+    photos = open_source(write_demo_shards(4, out=tmp_path / "photos", clipart_root=tmp_path / "none"))
+    assert all(r.key.startswith("photo-") for r in photos.records)
+    assert "Open Clip Art" not in photos.describe()["about"]
