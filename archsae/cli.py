@@ -16,6 +16,7 @@ from archsae.files import write_json
 from archsae.fit.settings import (SAE_PRESETS, CentroidSettings, FitSettings, SAESettings,
                                   preset_values)
 from archsae.evaluate.study import VARIES
+from archsae.extract.presets import PRESETS
 from archsae.options import SettingsOptions, flag_of
 from archsae.paths import default_store_dir
 
@@ -67,7 +68,7 @@ def _dataset_name(data: str) -> str:
 
 
 @main.command()
-@click.option("--model", required=True, help="Preset (dinov2, siglip, vit, convnext, resnet50) or timm:<name>.")
+@click.option("--model", required=True, help=f"Preset ({', '.join(PRESETS)}) or timm:<name>.")
 @click.option("--data", default="demo", show_default=True,
               help="demo, an image folder, a .tar shard or a brace pattern of shards.")
 @click.option("--out", type=click.Path(file_okay=False), help="Store folder [runs/<data>/<model>].")
@@ -126,6 +127,7 @@ def _print_info(s: dict) -> None:
         f"store        {s['path']}",
         f"model        {s['model']} ({s['timm_name']}), layer {s['layer']}",
         f"weights      {s['weights']}",
+        f"images       {(s['source'] or {}).get('about') or (s['source'] or {}).get('location')}",
         f"shape        {n} images x {t} tokens x {d} features ({s['dtype']})",
         f"tokens       {kinds} per image" + (f"; patch grid {s['patch_grid']}" if s["patch_grid"] else ""),
         f"complete     {'yes' if s['complete'] else 'no'} ({s['units_done']}/{s['units']} units"
@@ -328,7 +330,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 @bench.command("plausibility")
-@click.option("--model", required=True, help="A preset with an ImageNet head (vit, convnext, resnet50) or timm:<name>.")
+@click.option("--model", required=True, help="A preset with an ImageNet head (vit, convnext, resnet50, efficientnet_lite0) or timm:<name>.")
 @click.option("--weights", default="pretrained", show_default=True, help="pretrained, auto, random, or a .safetensors file.")
 @click.option("--store", type=click.Path(), help="A store of this model's last layer [extract the demo data].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fits and plausibility.json.")

@@ -23,7 +23,7 @@ def head_rows(model: torch.nn.Module) -> tuple[torch.Tensor, str]:
     head = model.get_classifier()
     if not isinstance(head, torch.nn.Linear) or head.out_features == 0:
         raise UserError(f"{type(model).__name__} has no linear classifier head: plausibility needs "
-                        "a backbone with one (vit, convnext, resnet50 presets)")
+                        "a backbone with one (vit, convnext, resnet50, efficientnet_lite0 presets)")
     inner = getattr(model, "head", None)
     if isinstance(getattr(inner, "pre_logits", None), torch.nn.Linear) or \
             isinstance(getattr(getattr(inner, "pre_logits", None), "fc", None), torch.nn.Linear):

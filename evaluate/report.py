@@ -81,8 +81,21 @@ def collect(studies=(), baselines=None, identifiability=None, plausibility=None,
     report = {"methods": list(methods.values()), "training_curves": curves,
               "identifiability": _read(identifiability), "plausibility": _read(plausibility),
               "store": studies[0]["store"] if studies else (base or {}).get("store"),
+              "data": _data(studies[0]["store"] if studies else (base or {}).get("store")),
               "browser": str(browser) if browser else None}
     return report
+
+
+def _data(store) -> dict | None:
+    """What the store was made from: backbone, weights, images (the source's `about` line)."""
+    from archsae.cache import is_store, open_store
+
+    if not store or not is_store(store):
+        return None
+    attrs = open_store(store).attrs
+    source = attrs.get("source", {})
+    return {"model": attrs.get("model"), "weights": attrs.get("weights"),
+            "n_images": source.get("n_images"), "about": source.get("about")}
 
 
 def _training_curve(path: Path) -> dict:
@@ -116,6 +129,10 @@ def write_markdown(report: dict, out: Path, plots: dict[str, str]) -> None:
           "standardised activations; stability is the signed-Hungarian mean |cos| over every "
           "pair of runs (for the baselines each seed also draws a fresh training sample); max "
           "cosine is max_ij cos(D_i, D'_j) between two runs, mean over pairs.", ""]
+    data = report.get("data")
+    if data:
+        md += [f"Data: {data['about'] or str(data['n_images']) + ' images'}; backbone {data['model']} "
+               f"(weights {data['weights']}).", ""]
     if report["browser"]:
         md += [f"Concept browser: [{report['browser']}]({report['browser']}/index.html)", ""]
     if report["methods"]:

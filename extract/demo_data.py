@@ -12,6 +12,7 @@ The set's composition is written to `about.txt` beside the shards (recorded in t
 import io
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 OPENCLIPART = Path("/usr/share/openclipart/png")
 IMAGES_PER_SHARD = 64
 MAX_SIDE = 320
+MAX_DRAWING_PIXELS = 4_000_000  # a few drawings are rendered at 100+ megapixels: left out
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -75,10 +77,22 @@ def clipart_files(root: Path = OPENCLIPART) -> list[Path]:
         return []
     by_category: dict[str, list[Path]] = {}
     for path in sorted(root.rglob("*.png")):
-        by_category.setdefault(path.relative_to(root).parts[0], []).append(path)
+        if _pixels(path) <= MAX_DRAWING_PIXELS:
+            by_category.setdefault(path.relative_to(root).parts[0], []).append(path)
     rng = np.random.default_rng(0)
     queues = [[files[i] for i in rng.permutation(len(files))] for files in by_category.values()]
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
+def _pixels(path: Path) -> float:
+    """Width x height from the header alone (inf if unreadable)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                return img.width * img.height
+        except (OSError, Image.DecompressionBombError):
+            return float("inf")
 
 
 def clipart_image(path: Path, rng: np.random.Generator) -> Image.Image:
