@@ -20,7 +20,8 @@ DEMO_MODEL := efficientnet_lite0
 DEMO_STORE := $(DEMO)/$(DEMO_MODEL)
 DEMO_IMAGES := 4096
 # the demo's dictionaries: what 2 CPU cores train in minutes on the demo's 180k tokens (docs/fit.md)
-DEMO_FIT := --concepts 512 --top-k 32 --n-centroids 1024 --epochs 3
+DEMO_KMEANS := --n-centroids 1024 --sample 65536 --niter 10
+DEMO_FIT := --concepts 512 --top-k 32 --epochs 3 $(DEMO_KMEANS)
 
 .PHONY: venv browser-deps demo-images demo extract info centroids fit evaluate stability baselines identifiability plausibility report browse test test-fast bench clean
 
@@ -42,7 +43,7 @@ demo: venv demo-images
 	$(BIN)/archsae baselines $(DEMO_STORE) --concepts 512 --sample 4096 --json $(DEMO)/baselines.json
 	$(BIN)/archsae bench identifiability --model $(DEMO_MODEL) --collages 1000 --seeds 3 --out $(DEMO)/identifiability
 	$(BIN)/archsae bench plausibility --model $(DEMO_MODEL) --store $(DEMO_STORE) --sizes 128,512 --deltas 0,1 \
-		--epochs 3 --n-centroids 1024 --out $(DEMO)/plausibility
+		--epochs 3 $(DEMO_KMEANS) --out $(DEMO)/plausibility
 	$(BIN)/archsae browse $(DEMO)/study-seeds/ra/run0 --against $(DEMO)/study-seeds/ra/run1 --out $(DEMO)/browser
 	$(BIN)/archsae report --out $(REPORT) --study $(DEMO)/study-seeds --study $(DEMO)/study-centroids \
 		--baselines $(DEMO)/baselines.json --identifiability $(DEMO)/identifiability/identifiability.json \

@@ -191,7 +191,7 @@ class FitSettings(Settings):
     batch_size: int = setting(1024, "Tokens per training step.", low=1)
     lr: float = setting(5e-4, "Adam learning rate of the encoder and free dictionaries.", low=0, low_open=True)
     dictionary_lr: float = setting(5e-3, "Learning rate of the archetypal W and Lambda.", low=0, low_open=True)
-    dictionary_eps: float = setting(1e-3, "Adam's eps for W (see docs/fit.md).", low=0, low_open=True)
+    dictionary_eps: float = setting(1e-6, "Adam's eps for W (see docs/fit.md).", low=0, low_open=True)
     warmup: float = setting(0.05, "Fraction of the steps spent warming the learning rate up.",
                             low=0, high=1, high_open=True)
     final_lr: float = setting(1.0, "Fraction of the learning rate reached at the end of a cosine decay "
