@@ -93,7 +93,8 @@ def test_ra_sae_relaxation_stays_within_delta(store, tmp_path):
         progress=False)
     model = load(tmp_path / "ra")
     assert model.dictionary.relax.norm(dim=-1).max() <= 0.5 + 1e-5
-    assert model.dictionary.relax.norm(dim=-1).max() > 0.1, "Lambda should be used"
+    # Lambda is used, not frozen near 0 by W's large Adam eps: most rows reach the bound
+    assert model.dictionary.relax.norm(dim=-1).median() > 0.9 * 0.5, "Lambda should be used"
 
 
 @pytest.mark.parametrize("sae", ["ra", "a", "topk", "batchtopk", "jumprelu", "relu"])
