@@ -46,7 +46,11 @@ class SparseAutoencoder(nn.Module):
         with torch.no_grad():  # z_i = <x, D_i / |D_i|> / mean |D|: top-k picks by alignment
             atoms = self.dictionary.weight()
             norms = atoms.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            self.enc.weight.copy_(atoms / norms / norms.mean())
+            # Free atoms started at centroids are each aligned with a token: k of them rebuild
+            # it about k times over (R^2 -36 at init on real features, still < 0 after 100
+            # steps), so their codes start at 1/k (docs/fit.md).
+            overshoot = s.top_k if s.dictionary == "free" and s.decoder_init == "centroids" else 1
+            self.enc.weight.copy_(atoms / norms / norms.mean() / overshoot)
             self.enc.bias.zero_()
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:

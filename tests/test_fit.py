@@ -223,3 +223,17 @@ def test_store_fit_mismatch_and_existing_fit(store, tmp_path):
     assert "another store" in line and "d=64" in line
     line = _one_error_line(cli("fit", store, "--sae", "nope", "--out", tmp_path / "g"))
     assert "'--sae'" in line and "nope" in line
+
+
+def test_topk_started_at_centroids_does_not_overshoot_at_init():
+    """k atoms aligned with a token would rebuild it k times over: the encoder starts at 1/k."""
+    from archsae.fit.sae import SparseAutoencoder
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 32, generator=g) * 3
+    x = centres[torch.arange(512) % 4] + 0.3 * torch.randn(512, 32, generator=g)
+    x = x - x.mean(0)
+    model = SparseAutoencoder(sae_settings("topk", 32, 64, 8, decoder_init="centroids"), x[:64], g)
+    with torch.no_grad():
+        r2 = 1 - (x - model(x)[0]).pow(2).sum() / x.pow(2).sum()
+    assert r2 > 0
