@@ -40,7 +40,7 @@ demo: venv demo-images
 	$(BIN)/archsae extract --model $(DEMO_MODEL) --data demo --demo-images $(DEMO_IMAGES) --out $(DEMO_STORE)
 	$(BIN)/archsae stability-study $(DEMO_STORE) --sae ra --seeds 2 --out $(DEMO)/study-seeds $(DEMO_FIT)
 	$(BIN)/archsae stability-study $(DEMO_STORE) --sae ra --seeds 2 --vary centroids --out $(DEMO)/study-centroids $(DEMO_FIT)
-	$(BIN)/archsae baselines $(DEMO_STORE) --concepts 512 --sample 4096 --methods pca,kmeans,semi_nmf,convex_nmf \
+	$(BIN)/archsae baselines $(DEMO_STORE) --concepts 128 --sample 2048 --methods pca,kmeans,semi_nmf,convex_nmf \
 		--json $(DEMO)/baselines.json
 	$(BIN)/archsae bench identifiability --model $(DEMO_MODEL) --collages 1000 --seeds 3 --out $(DEMO)/identifiability
 	$(BIN)/archsae bench plausibility --model $(DEMO_MODEL) --store $(DEMO_STORE) --sizes 512 --deltas 0,1 \
