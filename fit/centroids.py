@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from archsae.cache import Split, TokenStore, open_store
 from archsae.errors import InvalidSetting, UserError
-from archsae.fit.settings import PAPER_CENTROIDS, CentroidSettings
+from archsae.fit.settings import DEFAULT_NITER, PAPER_CENTROIDS, CentroidSettings
 
 MIN_TOKENS_PER_CENTROID = 4  # below this K-means mostly memorises single tokens
 DEFAULT_TOKENS_PER_CENTROID = 256
@@ -52,7 +52,7 @@ def centroid_set(store_path, settings: CentroidSettings = CentroidSettings(), to
     if settings.sample is not None and settings.sample < MIN_TOKENS_PER_CENTROID * k:
         raise InvalidSetting("sample", f"{{name}} {settings.sample} tokens are too few for {k} "
                                        f"centroids: give at least {MIN_TOKENS_PER_CENTROID * k}")
-    seed, niter = settings.seed, settings.niter
+    seed, niter = settings.seed, settings.niter or DEFAULT_NITER
     x = loader.sample(n_sample, seed=seed, progress=progress)
     n = len(x)
     use_gpu = (faiss.get_num_gpus() > 0 and torch.cuda.is_available()) if gpu is None else gpu
@@ -77,13 +77,15 @@ def centroid_set(store_path, settings: CentroidSettings = CentroidSettings(), to
 
 
 def _check_same_kmeans(store, name: str, settings: CentroidSettings, n_sample: int) -> None:
-    """A stored set is reused only if it was computed as asked (its name says K, seed, tokens
-    and split; its metadata the sample and the iterations)."""
+    """A stored set is reused only as asked: its name says K, seed, tokens and split; a sample
+    size or a number of iterations given explicitly must match what it was computed with."""
     meta = store.load_centroids(name)[1]
-    if (meta["n_tokens_sampled"], meta["niter"]) != (n_sample, settings.niter):
-        raise UserError(f"the centroid set {name} exists with {meta['n_tokens_sampled']} tokens and "
-                        f"{meta['niter']} iterations, not {n_sample} and {settings.niter}: ask for "
-                        "those, or recompute it with `archsae centroids --force`")
+    differ = [f"{what} {asked} (it used {used})" for what, asked, used in (
+        ("sample", settings.sample and n_sample, meta["n_tokens_sampled"]),
+        ("niter", settings.niter, meta["niter"])) if asked is not None and asked != used]
+    if differ:
+        raise UserError(f"the centroid set {name} exists but you asked for {', '.join(differ)}: "
+                        "leave those out to reuse it, or recompute it with `archsae centroids --force`")
 
 
 def load_points(store, name: str) -> torch.Tensor:

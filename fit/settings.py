@@ -20,6 +20,7 @@ DICTIONARIES = ("free", "archetypal")
 DECODER_INITS = ("random", "centroids")
 TOKEN_CHOICES = ("all",) + TOKEN_KINDS
 PAPER_CENTROIDS = 32000  # K-means centroids per backbone in the paper
+DEFAULT_NITER = 20  # K-means iterations
 
 # name -> (encoder, dictionary, delta)
 SAE_PRESETS: dict[str, tuple[str, str, float]] = {
@@ -225,7 +226,9 @@ class CentroidSettings(Settings):
         None, f"Number of centroids [min({PAPER_CENTROIDS}, train tokens / 4)].", low=1, type=int,
         flags="--n-centroids,--k")
     seed: int = setting(0, "K-means seed.", low=0)
-    sample: int | None = setting(None, "Tokens given to K-means [256 per centroid, at most all].",
+    sample: int | None = setting(None, "Tokens given to K-means [256 per centroid, at most all; "
+                                       "an existing set: whatever it used].",
                                  low=1, type=int)
-    niter: int = setting(20, "K-means iterations.", low=1)
+    niter: int | None = setting(None, f"K-means iterations [{DEFAULT_NITER}; an existing set: whatever it "
+                                      "used].", low=1, type=int)
 

@@ -129,7 +129,8 @@ def test_stale_temporaries_are_removed_and_never_listed(fit_store, small_fit, tm
     assert not centroid_tmp.exists()
     # a stored set is reused only when asked for with the same K-means settings
     res = cli("centroids", fit_store, "--k", 8, "--niter", 2)
-    assert res.exit_code == 2 and "--force" in res.output and "1 iterations" in res.output
+    assert res.exit_code == 2 and "--force" in res.output and "niter 2 (it used 1)" in res.output
+    assert cli("centroids", fit_store, "--k", 8).exit_code == 0  # unspecified: whatever it used
 
 
 def test_an_interrupted_fit_continues_on_a_plain_rerun(tmp_path):
