@@ -2,7 +2,7 @@
 exactly the path user data takes. Nothing is downloaded.
 
 - Photos: crops at several scales (15-100% of the short side) and flips of the real photos
-  shipped inside scikit-image and scikit-learn (19 scenes).
+  shipped inside scikit-image and scikit-learn (18 scenes).
 - Drawings: where Debian's `openclipart-png` is installed (`make demo` installs it when apt
   works), three images in four are Open Clip Art drawings (8,000 objects, people, animals,
   food, vehicles, buildings, signs...) on white, drawn evenly across its top-level categories.
