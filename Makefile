@@ -23,7 +23,7 @@ DEMO_IMAGES := 4096
 DEMO_KMEANS := --n-centroids 1024 --sample 65536 --niter 10
 DEMO_FIT := --concepts 512 --top-k 32 --epochs 2 $(DEMO_KMEANS)
 
-.PHONY: venv browser-deps demo-images demo extract info centroids fit evaluate stability baselines identifiability plausibility report browse test test-fast bench clean
+.PHONY: venv browser-deps demo-images demo extract info centroids fit evaluate stability baselines identifiability plausibility report browse test test-fast bench gpu-check clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -127,7 +127,12 @@ bench: venv $(REFERENCE)/.installed
 	$(BIN)/python -m benchmarks.codecs
 	$(BIN)/python -m benchmarks.fit_loader
 	$(BIN)/python -m benchmarks.ra_step
+	$(BIN)/python -m benchmarks.evaluate_scale
 	$(BIN)/python -m benchmarks.real_features --store $(DEMO_STORE) --identifiability $(DEMO)/identifiability
+
+## gpu-check: paper-scale steps/s, epoch time, K-means and extraction figures on one CUDA GPU (refuses without)
+gpu-check: venv
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) $(RUNS) .bench $(REPORT)

@@ -17,6 +17,7 @@ from archsae.fit.settings import (SAE_PRESETS, CentroidSettings, FitSettings, SA
                                   preset_values)
 from archsae.evaluate.study import VARIES
 from archsae.extract.presets import PRESETS
+from archsae.extract.run import PRECISIONS
 from archsae.options import SettingsOptions, flag_of
 from archsae.paths import default_store_dir
 
@@ -86,8 +87,11 @@ def _dataset_name(data: str) -> str:
 @click.option("--workers", type=click.IntRange(min=0), help="Image decoding processes [cores - 1].")
 @click.option("--device", help="cpu, cuda, cuda:1 ... [cuda when available].")
 @click.option("--demo-images", type=click.IntRange(min=1), default=256, show_default=True, help="Size of the demo set.")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="float32", show_default=True,
+              help="The backbone's compute precision: 16-bit types run under autocast (GPUs; "
+                   "`make gpu-check` reports their error against float32).")
 def extract(model, data, out, weights, limit, batch_size, layer, rank, world, dtype, on_error,
-            chunk_images, workers, device, demo_images):
+            chunk_images, workers, device, demo_images, precision):
     """Run a backbone over images once and store every token's activation."""
     from archsae.extract.run import extract as run_extract
 
@@ -95,7 +99,7 @@ def extract(model, data, out, weights, limit, batch_size, layer, rank, world, dt
     store = run_extract(model, data, out, weights=weights, limit=limit, batch_size=batch_size,
                         layer=layer, rank=rank, world=world, dtype=dtype, on_error=on_error,
                         chunk_images=chunk_images, workers=workers, device=device,
-                        demo_images=demo_images)
+                        demo_images=demo_images, precision=precision)
     if store.complete and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
         _print_info(store.summary())
 
@@ -153,6 +157,18 @@ def import_(src, out, key, dtype, chunk_images):
     _print_info(import_activations(src, out, key=key, dtype=dtype, chunk_images=chunk_images).summary())
 
 
+@main.command()
+@click.argument("src", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder to create.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="int8", show_default=True,
+              help="The new store's dtype (int8: per-feature affine, 1 byte per value).")
+def convert(src, out, dtype):
+    """Rewrite a complete store with another dtype (resumable); the original is left as it is."""
+    from archsae.cache.convert import convert as run_convert
+
+    _print_info(run_convert(src, out, dtype).summary())
+
+
 @main.command("import-weights")
 @click.argument("src", type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", required=True, help="The preset or timm:<name> the weights are for.")
@@ -172,12 +188,16 @@ def import_weights_(src, model, out):
 @click.option("--force", is_flag=True, help="Recompute even if this centroid set exists.")
 def centroids(store, force, **options):
     """Faiss K-means on standardised training tokens; saved into the store for every later fit."""
+    from archsae.cache import open_store
     from archsae.fit import centroid_set
 
     cfg = FitSettings(**CENTROID_DATA.values(options))
     name = centroid_set(store, CentroidSettings(**KMEANS.values(options)), cfg.tokens, cfg.split,
                         force=force)
-    click.echo(f"centroids {name} in {store}")
+    meta = open_store(store).load_centroids(name)[1]
+    click.echo(f"centroids {name} in {store} (faiss {meta['faiss_version']} on "
+               f"{'the GPU' if meta['gpu'] else 'the CPU'}, {meta['n_tokens_sampled']} tokens, "
+               f"{meta['niter']} iterations)")
 
 
 @main.command("fit")
@@ -208,6 +228,8 @@ def fit_(store, sae, out, resume, **options):
         settings = sae_settings(sae, open_store(store).d, **values)
         cfg = FitSettings(**TRAINING.values(options))
     fit(store, out, settings, cfg, resume=resume, centroids=CentroidSettings(**N_CENTROIDS.values(options)))
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return
     m = evaluate_fit(out, progress=False)["metrics"][cfg.tokens]
     click.echo(f"{out} ({settings.name}): held-out R^2 {m['r2']:.4f}, L0 {m['l0']:.1f}, dead "
                f"{m['dead']:.3f} ({m['tokens']} tokens); `archsae evaluate {out}` for every metric")

@@ -12,9 +12,9 @@ import numpy as np
 REFERENCE = Path(__file__).resolve().parent.parent / ".bench" / "reference"
 
 
-def result(name: str, value: float, op: str, target: float) -> None:
+def result(name: str, value: float, op: str, target: float, digits: int = 3) -> None:
     """The one line per figure that `make bench` collects."""
-    print(f"RESULT {name} {value:.3f} target {op} {target}")
+    print(f"RESULT {name} {value:.{digits}f} target {op} {target}")
 
 
 def run_reference(module: str, argv: list[str]) -> dict:
@@ -28,6 +28,33 @@ def run_reference(module: str, argv: list[str]) -> dict:
                           env={**os.environ, "PYTHONPATH": f"{REFERENCE}{os.pathsep}{os.getcwd()}"},
                           stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+PAPER_D = 768  # DINOv2 ViT-B's width
+PAPER_TOKENS_PER_IMAGE = 261  # its 1 CLS + 4 registers + 256 patches
+PAPER_TOKENS = 1_281_167 * PAPER_TOKENS_PER_IMAGE  # over ImageNet-1k train: 334M
+
+
+def paper_store(path: Path, n_images: int, seed: int = 0):
+    """A float16 store of n_images x 261 tokens x 768 in DINOv2's layout (CLS, 4 registers,
+    patches): tokens drawn around 200 random cluster centres, so K-means has structure to find.
+    For speed and memory figures only."""
+    from archsae.cache import TOKEN_KINDS, StoreSpec, create_or_open
+
+    kinds = np.array([TOKEN_KINDS.index("cls")] + [TOKEN_KINDS.index("register")] * 4 +
+                     [TOKEN_KINDS.index("patch")] * (PAPER_TOKENS_PER_IMAGE - 5))
+    spec = StoreSpec(n_images=n_images, token_kind=kinds, d=PAPER_D, chunk_images=16,
+                     provenance={"model": "synthetic", "source": {"kind": "synthetic", "n_images": n_images},
+                                 "source_hash": f"paper-layout-{n_images}-{seed}"})
+    store = create_or_open(path, spec)
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (200, PAPER_D)).astype(np.float32)
+    for u in range(store.n_units):
+        start, stop = store.unit_bounds(u)
+        shape = (stop - start, len(kinds))
+        tokens = centres[rng.integers(0, len(centres), shape)] + rng.normal(0, 0.5, (*shape, PAPER_D))
+        store.write_unit(u, tokens.astype(np.float16), keys=[str(i) for i in range(start, stop)])
+    return store
 
 
 def real_activation_store(n_images: int, workdir, model: str = "vit"):

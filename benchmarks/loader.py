@@ -1,18 +1,28 @@
-"""Loader throughput: shuffled, standardised float32 batches from a store at d=768, against a
-plain sequential read of the same array into memory, in one run on the same store.
+"""Loader throughput on the train split a fit reads, at d=768, against a plain sequential read
+of the same array into memory (and into a reused buffer), in one run on the same store, as
+float16 and converted to int8 (`archsae convert`):
+- raw: the stored values, shuffled, handed over as they are (what a GPU fit reads: the device
+  decodes and standardises them);
+- standardised: float32 batches standardised on the host (what a CPU fit reads).
+Then the int8 error on a store of real activations (the demo's): bytes per value on disk and
+R^2 of the values read back against the original ones.
 
     python -m benchmarks.loader [--images 8192] [--batch-size 4096]
 """
 
 import argparse
+import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+import torch
 from zarr.core.buffer.cpu import NDBuffer
 
 from benchmarks.common import real_activation_store, result
-from archsae.cache import TokenStore
+from archsae.cache import TokenStore, is_store, open_store
+from archsae.cache.convert import convert, read_unit
 
 
 def main() -> None:
@@ -20,16 +30,50 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--real-store", default="runs/demo/efficientnet_lite0",
+                    help="a store of real activations for the int8 error (made by `make demo`)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="archsae-bench-") as work:
-        measure(real_activation_store(args.images, work), args)
+        store = real_activation_store(args.images, work)
+        fp16 = measure(store, args)
+        int8 = measure(convert(store.path, Path(work) / "int8", "int8", progress=False), args)
+        result("loader_vs_reused_buffer_read", fp16, ">=", 0.80)
+        result("loader_vs_reused_buffer_read_int8", int8, ">=", 0.80)
+        if is_store(args.real_store):
+            int8_error(args.real_store, Path(work) / "real-int8")
+        else:
+            print(f"int8 error: no store at {args.real_store} (run `make demo` first)")
 
 
-def measure(store, args) -> None:
+def int8_error(path, out) -> None:
+    """Bytes per value on disk and R^2 of the int8 store's values against the original's."""
+    source = open_store(path)
+    int8 = convert(path, out, "int8", progress=False)
+    sse, total, sq = 0.0, np.zeros(source.d), np.zeros(source.d)
+    n = 0
+    for u in range(source.n_units):
+        a, b = read_unit(source, u), read_unit(int8, u)
+        valid = np.array(a["errors"]) == ""
+        x, y = a["tokens"][valid].reshape(-1, source.d).astype(np.float64), b["tokens"][valid].reshape(-1, source.d)
+        sse += float(np.square(x - y).sum())
+        total += x.sum(0)
+        sq += np.square(x).sum(0)
+        n += len(x)
+    r2 = 1 - sse / float((sq - total ** 2 / n).sum())
+    values = int8.n_images * int8.n_tokens * int8.d
+    bpv = int8.bytes_on_disk("tokens") / values
+    print(f"int8 conversion of {path} ({source.attrs['dtype']}, {n} valid tokens): "
+          f"{bpv:.3f} bytes per value on disk ({source.bytes_on_disk('tokens') / values:.3f} before), "
+          f"R^2 of the values read back against the original {r2:.6f}")
+    result("int8_bytes_per_value", bpv, "<=", 1.0)
+    result("int8_r2_vs_float32", r2, ">=", 0.9995, digits=6)
+
+
+def measure(store, args) -> float:
     n_tokens = store.n_images * store.n_tokens
-    seq, seq_into, ours = [], [], []
+    seq, seq_into, raw, std = [], [], [], []
     into = NDBuffer.from_numpy_array(np.empty(store.tokens.shape, store.tokens.dtype))
-    loader = TokenStore(store, part="all")
+    loader = TokenStore(store, part="train")
     for r in range(args.repeat):  # interleaved, median of each: both see the same machine state
         t = time.perf_counter()
         data = np.asarray(store.tokens[:])
@@ -39,18 +83,24 @@ def measure(store, args) -> None:
         store.tokens.get_basic_selection(slice(None), out=into)
         seq_into.append(time.perf_counter() - t)
         t = time.perf_counter()
-        n = sum(len(b) for b in loader.batches(args.batch_size, seed=r))
-        ours.append(time.perf_counter() - t)
-    seq_rate, our_rate = n_tokens / np.median(seq), n / np.median(ours)
-    gb = our_rate * store.d * 4 / 1e9
-    print(f"store: {store.n_images} images x {store.n_tokens} tokens x {store.d} ({n_tokens} tokens)")
-    print(f"sequential read into memory: {seq_rate:,.0f} tokens/s (into a reused buffer, "
-          f"no allocation: {n_tokens / np.median(seq_into):,.0f} tokens/s)")
-    print(f"TokenStore shuffled+standardised: {our_rate:,.0f} tokens/s, {gb:.2f} GB/s of float32 "
-          f"(a GPU fit at d=768 wants about 650,000 tokens/s)")
-    result("loader_vs_sequential_read", our_rate / seq_rate, ">=", 0.80)
-    result("loader_tokens_per_s", our_rate, ">=", 650000)
-
+        n = sum(len(b) for b in loader.batches(args.batch_size, seed=r, raw=True))
+        raw.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        sum(len(b) for b in loader.batches(args.batch_size, seed=r))
+        std.append(time.perf_counter() - t)
+    seq_rate, into_rate = n_tokens / np.median(seq), n_tokens / np.median(seq_into)
+    raw_rate, std_rate = n / np.median(raw), n / np.median(std)
+    print(f"store: {store.n_images} images x {store.n_tokens} tokens x {store.d} {store.attrs['dtype']} "
+          f"({n_tokens} tokens; train split {loader.n_tokens}); {os.cpu_count()} cores, torch threads "
+          f"{torch.get_num_threads()}, batch {args.batch_size}")
+    print(f"sequential read into memory: {seq_rate:,.0f} tokens/s (into a reused buffer, no "
+          f"allocation: {into_rate:,.0f} tokens/s)")
+    print(f"TokenStore train split, raw {store.attrs['dtype']} batches: {raw_rate:,.0f} tokens/s; "
+          f"standardised float32 on the host: {std_rate:,.0f} tokens/s")
+    suffix = "" if store.attrs["dtype"] == "float16" else f"_{store.attrs['dtype']}"
+    result(f"loader_tokens_per_s{suffix}", raw_rate, ">=", 1100000)
+    result(f"loader_standardised_tokens_per_s{suffix}", std_rate, ">=", 650000)
+    return raw_rate / into_rate
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from zarr.core.buffer.cpu import NDBuffer
 
 from archsae.errors import UserError
+from archsae.cache.quantise import dequantise
 from archsae.cache.split import Split
 from archsae.cache.store import ActivationStore, open_store
 
@@ -64,8 +65,14 @@ class TokenStore:
         self.standardize = standardize
         self.mean = torch.from_numpy(mean).float()
         self.std = torch.from_numpy(std).float()
+        quant = self.store.quantisation  # int8 stores: stored q reads back as offset + scale q
+        self.quantisation = None if quant is None else tuple(torch.from_numpy(a) for a in quant)
         self.shuffle_tokens, self.threads, self.prefetch = shuffle_tokens, threads, prefetch
         self._tokens = self.store.tokens
+
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        """Stored values (a raw batch, on any device) -> float32 activations, not standardised."""
+        return raw.float() if self.quantisation is None else dequantise(raw, *self.quantisation)
 
     def num_batches(self, batch_size: int, drop_last: bool = True) -> int:
         return self.n_tokens // batch_size if drop_last else -(-self.n_tokens // batch_size)
@@ -130,8 +137,13 @@ class TokenStore:
         return windows
 
     def batches(self, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0,
-                shuffle: bool = True, drop_last: bool = True) -> Iterator[torch.Tensor]:
-        """Yield float32 batches (batch_size, d) of epoch `epoch`, beginning at batch `start`."""
+                shuffle: bool = True, drop_last: bool = True, raw: bool = False,
+                part: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
+        """Yield float32 batches (batch_size, d) of epoch `epoch`, beginning at batch `start`.
+        `raw`: the stored values instead (float16 or int8: a half or a quarter of the bytes to
+        move), in pinned memory when CUDA is there, for the device to `decode` and standardise.
+        `part=(i, n)`: the i-th of n equal slices of each batch (data-parallel fits: the batch is
+        the global one; every process decodes the same chunks and converts only its slice)."""
         units = np.flatnonzero(self.unit_tokens)
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(units) if shuffle else units
@@ -147,7 +159,7 @@ class TokenStore:
         stop = threading.Event()
         producer = threading.Thread(
             target=self._produce, daemon=True,
-            args=(windows, first, skip, batch_size, seed, epoch, shuffle, drop_last, out, stop))
+            args=(windows, first, skip, batch_size, seed, epoch, shuffle, drop_last, raw, part, out, stop))
         producer.start()
         try:
             while (item := out.get()) is not None:
@@ -162,9 +174,25 @@ class TokenStore:
                 except queue.Empty:
                     producer.join(0.05)
 
-    def _produce(self, windows, first, skip, batch_size, seed, epoch, shuffle, drop_last, out, stop):
+    def _produce(self, windows, first, skip, batch_size, seed, epoch, shuffle, drop_last, raw, part,
+                 out, stop):
+        pin = raw and torch.cuda.is_available()
+        index, parts = part
+
+        def take(buf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            if not raw:
+                return buf.index_select(0, rows)
+            into = torch.empty((len(rows), self.d), dtype=buf.dtype, pin_memory=pin)
+            return torch.index_select(buf, 0, rows, out=into)
+
         def emit(rows: torch.Tensor) -> bool:
-            x = torch.addcmul(shift, rows, scale) if self.standardize else rows.float()
+            if parts > 1:
+                size = len(rows) // parts
+                rows = rows[index * size:(index + 1) * size]
+            if raw:
+                x = rows.pin_memory() if pin and not rows.is_pinned() else rows
+            else:
+                x = torch.addcmul(shift, rows, scale) if self.standardize else self.decode(rows)
             while not stop.is_set():
                 try:
                     out.put(x, timeout=0.1)
@@ -179,13 +207,15 @@ class TokenStore:
             jobs = [pool.submit(self.read_unit, u, buf[a:b]) for u, a, b in zip(window, bounds, bounds[1:])]
             return buf, jobs
 
-        scale = 1.0 / self.std
-        shift = -self.mean * scale
+        # standardised = (decoded - mean) / std, with an int8 store's affine decode folded in
+        q_scale, q_offset = self.quantisation or (torch.ones(self.d), torch.zeros(self.d))
+        scale = q_scale / self.std
+        shift = (q_offset - self.mean) / self.std
         largest = max(self.unit_tokens[w].sum() for w in windows)
         spaces = [np.empty((largest, self.d), self.store.attrs["dtype"]) for _ in range(2)]
         try:
             with ThreadPoolExecutor(self.threads) as pool:
-                pending = torch.empty((0, self.d), dtype=torch.float32)
+                pending = None  # the rows of a batch that straddles two windows
                 ahead = load(windows[first], spaces[first % 2])
                 for w in range(first, len(windows)):  # window w+1 loads while w is served
                     buf, jobs = ahead
@@ -200,21 +230,22 @@ class TokenStore:
                     if w == first:
                         order = order[skip:]
                     i = 0
-                    if len(pending):
+                    if pending is not None:
                         need = batch_size - len(pending)
-                        pending = torch.cat([pending, buf.index_select(0, order[:need]).float()])
+                        pending = torch.cat([pending, take(buf, order[:need])])
                         i = min(need, len(order))
                         if len(pending) == batch_size:
                             if not emit(pending):
                                 return
-                            pending = pending[:0]
+                            pending = None
                     while i + batch_size <= len(order):
-                        if not emit(buf.index_select(0, order[i:i + batch_size])):
+                        if not emit(take(buf, order[i:i + batch_size])):
                             return
                         i += batch_size
                     if i < len(order):
-                        pending = torch.cat([pending, buf.index_select(0, order[i:]).float()])
-                if len(pending) and not drop_last:
+                        rest = take(buf, order[i:])
+                        pending = rest if pending is None else torch.cat([pending, rest])
+                if pending is not None and not drop_last:
                     emit(pending)
             out.put(None)
         except BaseException as exc:  # surfaced in the consumer thread

@@ -21,12 +21,13 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from archsae.errors import InvalidSetting, UserError
 from archsae.files import temporary_sibling
+from archsae.cache.quantise import dequantise, quantise
 from archsae.cache.stats import merge_moments, moments, standard_deviation
 
 FORMAT_NAME = "archsae.activations"
 FORMAT_VERSION = 2
 TOKEN_KINDS = ("cls", "register", "patch", "token")
-DTYPES = ("float16", "float32")
+DTYPES = ("float16", "float32", "int8")  # int8: per-feature affine (cache/quantise.py)
 
 # Chosen by benchmarks/codecs.py on float16 activations: bit-shuffled LZ4 saves about 9% and
 # encodes/decodes at GB/s, faster than a GPU extraction writes or a GPU fit reads. zstd saves
@@ -41,12 +42,21 @@ DATA_ARRAYS = ("tokens", "pooled")
 # What a store is: the attributes hashed into its `id`. A rerun resumes a store only when they
 # agree, and a fit belongs to the store whose id it recorded.
 IDENTITY_KEYS = ("model", "timm_name", "weights", "layer", "dtype", "preprocessing",
-                 "source_hash", "chunk_images", "shape")
+                 "source_hash", "chunk_images", "shape", "precision")
+# identity keys added later, with the value every store written before them had; a default
+# value is left out of the hash, so those stores keep their id
+IDENTITY_DEFAULTS = {"precision": "float32"}
+
+
+def identity(attrs: dict, key: str):
+    return attrs.get(key, IDENTITY_DEFAULTS.get(key))
 
 
 def store_id(attrs: dict) -> str:
     """The content hash of a store's identity attributes (16 hex digits)."""
-    key = json.dumps([attrs.get(k) for k in IDENTITY_KEYS], sort_keys=True)
+    values = [identity(attrs, k) for k in IDENTITY_KEYS
+              if k not in IDENTITY_DEFAULTS or identity(attrs, k) != IDENTITY_DEFAULTS[k]]
+    key = json.dumps(values, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -61,11 +71,18 @@ class StoreSpec:
     dtype: str = "float16"
     d_pooled: int | None = None
     provenance: dict = field(default_factory=dict)
+    quantisation: tuple[np.ndarray, np.ndarray] | None = None  # int8: (scale, offset) per feature
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise InvalidSetting("dtype", f"{{name}} {self.dtype!r} is not supported: use one of "
                                           f"{', '.join(DTYPES)}")
+        if self.dtype == "int8" and self.quantisation is None:
+            raise InvalidSetting("dtype", "{name} int8 needs each feature's range before the first "
+                                          "unit is written: store float16, then `archsae convert "
+                                          "STORE --dtype int8 --out NEW`")
+        if self.dtype != "int8" and self.quantisation is not None:
+            raise ValueError("quantisation constants belong to int8 stores only")
         if self.n_images < 1 or self.n_tokens < 1 or self.d < 1:
             raise UserError(f"no activations to store ({self.n_images} items x {self.n_tokens} "
                             f"tokens x {self.d} features): give at least one item with features")
@@ -105,6 +122,11 @@ def _attrs_for(spec: StoreSpec) -> dict:
     return {**attrs, "id": store_id(attrs)}
 
 
+def pooled_dtype(dtype: str) -> str:
+    """The pooled vectors are few: an int8 store keeps them in float16."""
+    return "float16" if dtype == "int8" else dtype
+
+
 def _create_group(path: Path, spec: StoreSpec) -> None:
     n, t, d, u = spec.n_images, spec.n_tokens, spec.d, spec.chunk_images
     n_units = -(-n // u)
@@ -113,7 +135,12 @@ def _create_group(path: Path, spec: StoreSpec) -> None:
                        compressors=DATA_CODECS, fill_value=0, config=DATA_CONFIG)
     if spec.d_pooled is not None:
         group.create_array("pooled", shape=(n, spec.d_pooled), chunks=(u, spec.d_pooled),
-                           dtype=spec.dtype, compressors=DATA_CODECS, fill_value=0, config=DATA_CONFIG)
+                           dtype=pooled_dtype(spec.dtype), compressors=DATA_CODECS, fill_value=0,
+                           config=DATA_CONFIG)
+    if spec.quantisation is not None:
+        quant = group.create_group("quant")
+        for name, values in zip(("scale", "offset"), spec.quantisation):
+            quant.create_array(name, shape=(d,), chunks=(d,), dtype="float32")[:] = values
     kind = group.create_array("token_kind", shape=(t,), chunks=(t,), dtype="uint8")
     kind[:] = spec.token_kind.astype(np.uint8)
     group.create_array("keys", shape=(n,), chunks=(u,), dtype=str)
@@ -202,6 +229,8 @@ class ActivationStore:
         self.chunk_images = self.attrs["chunk_images"]
         self.n_units = -(-self.n_images // self.chunk_images)
         self.token_kind = np.asarray(group["token_kind"][:])
+        self.quantisation = ((np.asarray(group["quant/scale"][:]), np.asarray(group["quant/offset"][:]))
+                             if self.attrs["dtype"] == "int8" else None)
 
     # -- layout ---------------------------------------------------------------------------
     @property
@@ -272,12 +301,12 @@ class ActivationStore:
         if self.id == wanted["id"]:
             return
         for key in IDENTITY_KEYS:
-            if self.attrs.get(key) != wanted.get(key):
+            if identity(self.attrs, key) != identity(wanted, key):
                 what = {"model": "model", "timm_name": "backbone", "weights": "weights",
                         "source_hash": "data"}.get(key, key)
                 raise InvalidSetting(
                     "out", f"{self.path} already holds a store with another {what} "
-                    f"({self.attrs.get(key)!r}, not {wanted.get(key)!r}): pass another {{name}} "
+                    f"({identity(self.attrs, key)!r}, not {identity(wanted, key)!r}): pass another {{name}} "
                     "or delete that folder")
 
     # -- writing --------------------------------------------------------------------------
@@ -291,11 +320,16 @@ class ActivationStore:
                              f"got {tokens.shape}")
         errors = np.array([""] * n if errors is None else errors, dtype=str)
         with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
-            tokens = np.asarray(tokens, dtype=self.attrs["dtype"])
+            tokens = np.asarray(tokens, dtype=np.float32 if self.quantisation else self.attrs["dtype"])
         self._check_finite(unit, tokens, errors, keys)
-        self.group["tokens"][start:stop] = tokens
+        if self.quantisation:  # stored as int8; the statistics are those of what reads back
+            stored = quantise(tokens, *self.quantisation)
+            tokens = dequantise(stored, *self.quantisation)
+        else:
+            stored = tokens
+        self.group["tokens"][start:stop] = stored
         if pooled is not None:
-            self.group["pooled"][start:stop] = np.asarray(pooled, dtype=self.attrs["dtype"])
+            self.group["pooled"][start:stop] = np.asarray(pooled, dtype=pooled_dtype(self.attrs["dtype"]))
         self.group["keys"][start:stop] = np.array(keys, dtype=str)
         self.group["errors"][start:stop] = errors
         if labels is not None:

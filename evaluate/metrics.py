@@ -26,68 +26,116 @@ def effective_rank(d: torch.Tensor) -> float:
 
 def coherence(d: torch.Tensor) -> float:
     """max over i != j of |cos(D_i, D_j)|."""
-    u = unit_rows(d.detach().double())
-    g = (u @ u.T).abs()
-    g.fill_diagonal_(0)
-    return float(g.max())
+    return summarise({}, d)[1]
 
 
 class CodeTally:
     """Streaming statistics of one model on one split: R^2 (per-feature mean), L0, firing,
-    co-firing, and each atom's best cosine to a real activation (for the OOD score)."""
+    co-firing, and each atom's best cosine to a real activation (for the OOD score).
+
+    Everything stays on the atoms' device; nothing is read back until `summarise`. Sums of
+    squares and feature moments accumulate in float64; co-firing Z^T Z (k x k, the one large
+    tally: 4 GB at 32,000 concepts) in float32, from float32 products. Codes that can be
+    negative (PCA, ICA) also tally |Z|^T |Z| for connectivity; for non-negative codes it is Z^T Z."""
+
+    ADDITIVE = ("n", "sse", "feature_sum", "feature_sumsq", "l0_counts", "fired")
 
     def __init__(self, atoms: torch.Tensor):
         k, d = atoms.shape
-        self.units = unit_rows(atoms.detach().double())
+        dev = atoms.device
+        self.units = unit_rows(atoms.detach().float())
         self.n = 0
-        self.sse = 0.0
-        self.feature_sum = torch.zeros(d, dtype=torch.float64)
-        self.feature_sumsq = torch.zeros(d, dtype=torch.float64)
-        self.l0 = []
-        self.fired = torch.zeros(k, dtype=torch.int64)
-        self.cofire = torch.zeros(k, k, dtype=torch.float64)  # sum over tokens of z z^T
-        self.coactive = torch.zeros(k, k, dtype=torch.float64)  # > 0 where both have fired together
-        self.best_cos = torch.full((k,), -1.0, dtype=torch.float64)
+        self.sse = torch.zeros((), dtype=torch.float64, device=dev)
+        self.feature_sum = torch.zeros(d, dtype=torch.float64, device=dev)
+        self.feature_sumsq = torch.zeros(d, dtype=torch.float64, device=dev)
+        self.l0_counts = torch.zeros(k + 1, dtype=torch.int64, device=dev)
+        self.fired = torch.zeros(k, dtype=torch.int64, device=dev)
+        self.cofire = torch.zeros(k, k, dtype=torch.float32, device=dev)  # sum over tokens of z z^T
+        self.coactive: torch.Tensor | None = None  # |z|^T |z| once a code has been negative
+        self.best_cos = torch.full((k,), -1.0, dtype=torch.float32, device=dev)
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor) -> None:
-        x, x_hat, z = x.double().cpu(), x_hat.double().cpu(), z.double().cpu()
+        dev = self.units.device
+        x, x_hat, z = x.to(dev, torch.float64), x_hat.to(dev, torch.float64), z.to(dev, torch.float32)
         self.n += len(x)
-        self.sse += float((x - x_hat).pow(2).sum())
+        self.sse += (x - x_hat).pow(2).sum()
         self.feature_sum += x.sum(0)
         self.feature_sumsq += x.pow(2).sum(0)
         active = z != 0  # signed codes (PCA, ICA) fire when non-zero
-        self.l0.append(active.sum(-1).numpy())
+        self.l0_counts += torch.bincount(active.sum(-1), minlength=len(self.l0_counts))
         self.fired += active.sum(0)
-        cofire = z.T @ z
-        self.cofire += cofire
-        # co-activation mass |z|^T |z|: for non-negative (SAE) codes that is z^T z again
-        self.coactive += cofire if bool((z >= 0).all()) else z.abs().T @ z.abs()
+        if self.coactive is not None or bool((z < 0).any()):
+            if self.coactive is None:  # until now |z|^T |z| was z^T z
+                self.coactive = self.cofire.clone()
+            self.coactive.addmm_(z.abs().T, z.abs())
+        self.cofire.addmm_(z.T, z)
+        x = x.float()
         cos = self.units @ (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).T
         self.best_cos = torch.maximum(self.best_cos, cos.max(dim=1).values)
 
     def r2(self) -> float:
         """1 - SSE / SST, SST around the per-feature mean of the split."""
         sst = float((self.feature_sumsq - self.feature_sum.pow(2) / self.n).sum())
-        return 1.0 - self.sse / sst
+        return 1.0 - float(self.sse) / sst
 
     def summary(self, atoms: torch.Tensor) -> dict:
-        l0 = np.concatenate(self.l0)
-        k = len(self.fired)
-        raw = atoms.detach().double()
-        return {
-            "tokens": self.n,
-            "r2": self.r2(),
-            "l0": float(l0.mean()),
-            "l0_histogram": np.bincount(l0, minlength=1).tolist(),
-            "dead": float((self.fired == 0).double().mean()),
-            "firing_frequency": (self.fired.double() / max(self.n, 1)).tolist(),
-            "ood": float(1.0 - self.best_cos.mean()),
-            "connectivity": float(1.0 - (self.coactive > 0).sum() / k ** 2),
+        return summarise({"": self}, atoms)[0][""]
+
+
+def _union(tallies: list[CodeTally]) -> CodeTally:
+    """The tally of disjoint token sets together, without its k x k parts (see `summarise`)."""
+    out = object.__new__(CodeTally)
+    for name in CodeTally.ADDITIVE:
+        setattr(out, name, sum(getattr(t, name) for t in tallies))
+    out.best_cos = torch.stack([t.best_cos for t in tallies]).max(0).values
+    return out
+
+
+def _scalars(t: CodeTally) -> dict:
+    counts = t.l0_counts.cpu()
+    n = max(t.n, 1)
+    levels = torch.arange(len(counts), dtype=torch.float64)
+    last = int(torch.nonzero(counts).max()) if t.n else 0
+    return {"tokens": t.n, "r2": t.r2(), "l0": float((counts * levels).sum() / n),
+            "l0_histogram": counts[: last + 1].tolist(), "dead": float((t.fired == 0).double().mean()),
+            "firing_frequency": (t.fired.double() / n).cpu().tolist(),
+            "ood": float(1.0 - t.best_cos.double().mean())}
+
+
+def summarise(tallies: dict[str, CodeTally], atoms: torch.Tensor, union: str | None = None,
+              block: int = 1024) -> tuple[dict[str, dict], float]:
+    """({name: metrics} of each tally, and with `union` of all of them together (disjoint token
+    sets), coherence). The metrics that need D D^T share one pass over it in blocks of rows,
+    and the union's co-firing is summed block by block: no k x k matrix besides the tallies'
+    (the temporaries are a few block x k matrices: 130 MB each at 32,000 concepts)."""
+    atoms = atoms.detach().float()
+    k = len(atoms)
+    norms = atoms.norm(dim=-1).clamp_min(1e-12)
+    names = list(tallies) + ([union] if union else [])
+    neg = {n: torch.zeros(2, dtype=torch.float64, device=atoms.device) for n in names}
+    links = {n: 0 for n in names}
+    best = torch.zeros((), device=atoms.device)
+    for s in range(0, k, block):
+        gram = atoms[s:s + block] @ atoms.T
+        cos = gram / norms[s:s + block, None] / norms[None, :]
+        cos[torch.arange(len(cos)), torch.arange(s, s + len(cos))] = 0  # i = j: not coherence,
+        best = torch.maximum(best, cos.abs().max())  # and z_i^2 G_ii >= 0: no interference
+        cofire = {n: t.cofire[s:s + block] for n, t in tallies.items()}
+        coactive = {n: (t.cofire if t.coactive is None else t.coactive)[s:s + block]
+                    for n, t in tallies.items()}
+        if union:
+            cofire[union], coactive[union] = sum(cofire.values()), sum(coactive.values())
+        for n in names:
             # the paper's ||relu(-(Z^T Z) o (D D^T))|| on the atoms as they are, and the same
             # with unit atoms (cosines), which does not grow with the atoms' norms
-            "negative_interference": float(torch.relu(-self.cofire * (raw @ raw.T)).norm()),
-            "negative_interference_cosine": float(torch.relu(-self.cofire * (self.units @ self.units.T)).norm()),
-            "stable_rank": stable_rank(atoms),
-            "effective_rank": effective_rank(atoms),
-            "coherence": coherence(atoms),
-        }
+            for i, pair in enumerate((gram, cos)):
+                part = torch.relu(-cofire[n] * pair)
+                neg[n][i] += torch.sum(part.mul_(part), dtype=torch.float64)
+            links[n] += (coactive[n] > 0).sum()
+    shared = {"stable_rank": stable_rank(atoms), "effective_rank": effective_rank(atoms),
+              "coherence": float(best)}
+    every = {**tallies, **({union: _union(list(tallies.values()))} if union else {})}
+    out = {n: {**_scalars(every[n]), "connectivity": float(1.0 - links[n] / k ** 2),
+               "negative_interference": float(neg[n][0].sqrt()),
+               "negative_interference_cosine": float(neg[n][1].sqrt()), **shared} for n in names}
+    return out, float(best)

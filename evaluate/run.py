@@ -7,11 +7,13 @@ Tokens are standardised with the constants the model was trained with (for a fit
 
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from archsae.cache import Split, TokenStore
-from archsae.evaluate.metrics import CodeTally
+from archsae.cache import TOKEN_KINDS, Split, TokenStore
+from archsae.devices import resolve_device
+from archsae.evaluate.metrics import CodeTally, summarise
 from archsae.fit import fit_settings, load, open_fit_store
 
 
@@ -20,30 +22,40 @@ def evaluate_model(opened, predict, atoms: torch.Tensor, standardise: Callable, 
                    split: Split = Split(), batch_size: int = 4096, progress: bool = True,
                    name: str = "evaluate") -> dict:
     """Metrics of `predict` (standardised x -> (x_hat, codes)) on the held-out part of `split`:
-    {"all": {...}, "<kind>": {...}, ...}, every kind standardised by the same `standardise`."""
-    kinds = [tokens]
-    if tokens == "all" and len(opened.kind_counts()) > 1:
-        kinds += list(opened.kind_counts())
-    results = {}
-    for kind in kinds:
-        loader = TokenStore(opened, tokens=kind, part="heldout", split=split, standardize=False)
-        tally = CodeTally(atoms)
-        bar = tqdm(total=loader.n_tokens, unit="tok", unit_scale=True, disable=not progress,
-                   desc=f"{name} {kind}")
-        for x in loader.batches(batch_size, shuffle=False, drop_last=False):
-            x = standardise(x)
+    {"all": {...}, "<kind>": {...}, ...}, every kind standardised by the same `standardise`.
+    One pass over the tokens: each batch's rows go to the tally of their kind, and "all" is the
+    sum of those. Tallies live on the atoms' device, where the batches are sent."""
+    loader = TokenStore(opened, tokens=tokens, part="heldout", split=split, standardize=False)
+    kinds = list(opened.kind_counts()) if tokens == "all" and len(opened.kind_counts()) > 1 else []
+    # every image gives all its token positions, in order: a row's kind is its position's
+    kind_of_row = opened.token_kind[loader.positions]
+    codes = {kind: TOKEN_KINDS.index(kind) for kind in kinds}
+    tallies = {kind: CodeTally(atoms) for kind in kinds or [tokens]}
+    row = 0
+    with tqdm(total=loader.n_tokens, unit="tok", unit_scale=True, disable=not progress, desc=name) as bar:
+        for x in loader.batches(batch_size, shuffle=False, drop_last=False, raw=atoms.is_cuda):
+            x = standardise(loader.decode(x.to(atoms.device, non_blocking=True)))
             x_hat, z = predict(x)
-            tally.update(x, x_hat, z)
+            if kinds:  # row indices from the host's arithmetic: no wait for the device
+                kind = kind_of_row[(row + np.arange(len(x))) % len(kind_of_row)]
+                for name_, code in codes.items():
+                    rows = np.flatnonzero(kind == code)
+                    if len(rows):
+                        rows = torch.from_numpy(rows).to(x.device, non_blocking=True)
+                        tallies[name_].update(x[rows], x_hat[rows], z[rows])
+            else:
+                tallies[tokens].update(x, x_hat, z)
+            row += len(x)
             bar.update(len(x))
-        bar.close()
-        results[kind] = tally.summary(atoms)
-    return results
+    results, _ = summarise(tallies, atoms, union="all" if kinds else None)
+    return {key: results[key] for key in (["all"] if kinds else []) + list(tallies)}
 
 
-def evaluate_fit(fitdir, store=None, batch_size: int = 4096, progress: bool = True) -> dict:
-    """Metrics of one fit on its held-out split."""
+def evaluate_fit(fitdir, store=None, batch_size: int = 4096, progress: bool = True,
+                 device: str | None = None) -> dict:
+    """Metrics of one fit on its held-out split, on `device` [CUDA when present]."""
     opened, config = open_fit_store(fitdir, store)
-    model = load(fitdir)
+    model = load(fitdir, resolve_device(device))
     sae, cfg = fit_settings(config)
 
     def predict(x):

@@ -19,7 +19,7 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from archsae.fit import unit_rows
 
-EXACT_LIMIT = 10_000
+EXACT_LIMIT = 16_384  # scipy: 10,240 atoms in about 15 s and 0.8 GB
 
 
 def match_atoms(a: torch.Tensor, b: torch.Tensor, exact_limit: int = EXACT_LIMIT,

@@ -90,4 +90,6 @@ def format_study(report: dict) -> str:
         sd = "" if r["sd"] is None else f" +- {r['sd']:.4f}"
         lines.append(f"  {name:28s} {r['mean']:.4f}{sd:10s}   R^2 "
                      f"{statistics.mean(r['heldout_r2']):.4f}")
+    methods = sorted({m for r in report["variants"].values() for m in r["matching"]})
+    lines.append(f"matching: {', '.join(methods)}")
     return "\n".join(lines)

@@ -59,7 +59,7 @@ def top_activations(fitdir, top: int = 16, per_image: int = 8, part: str = "all"
     loader = TokenStore(opened, tokens="all", part=part, split=cfg.split, standardize=False)
 
     def codes_of(rows: np.ndarray) -> torch.Tensor:
-        x = model.standardise(torch.from_numpy(rows).float())
+        x = model.standardise(loader.decode(torch.from_numpy(rows)))
         return model.encode(x.reshape(-1, loader.d)).dense.reshape(*rows.shape[:2], k)
 
     values = torch.zeros(top, k)

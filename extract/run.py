@@ -11,7 +11,6 @@ import io
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from archsae.devices import resolve_device
 from archsae.errors import InvalidSetting, UserError
+from archsae.ranks import resolve_ranks
 from archsae.cache import (StoreSpec, create_or_open, default_chunk_images, is_store, open_store,
                            resumable_units)
 from archsae.extract.presets import build_backbone
@@ -27,35 +27,8 @@ from archsae.extract.sources import ImageSource, open_source
 from archsae.extract.demo_data import write_demo_shards
 
 ON_ERROR = ("skip", "fail")
-
-
-@dataclass
-class Ranks:
-    rank: int
-    world: int
-    distributed: bool  # launched by torchrun: a process group exists
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-
-def resolve_ranks(rank: int | None, world: int | None) -> Ranks:
-    """--rank/--world as given, else torchrun's environment (gloo on CPU, nccl on CUDA)."""
-    if rank is not None or world is not None:
-        rank, world = (0 if rank is None else rank), (1 if world is None else world)
-        if world < 1:
-            raise InvalidSetting("world", f"{{name}} {world} must be at least 1 process")
-        if not 0 <= rank < world:
-            raise InvalidSetting("rank", f"{{name}} {rank} is not in 0..{world - 1}: give 0 <= rank < world")
-        return Ranks(rank, world, False)
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    if env_world > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend)
-        return Ranks(torch.distributed.get_rank(), env_world, True)
-    return Ranks(0, 1, False)
+# the backbone's compute precision: float32, or autocast to a 16-bit type (fast on GPUs)
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_data(data: str, demo_images: int) -> str:
@@ -95,8 +68,12 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
             batch_size: int = 32, layer: int | None = None, rank: int | None = None,
             world: int | None = None, dtype: str = "float16", on_error: str = "skip",
             chunk_images: int | None = None, workers: int | None = None,
-            device: str | None = None, demo_images: int = 256, progress: bool = True):
-    """Fill (or finish) the store at `out`; returns the open store."""
+            device: str | None = None, demo_images: int = 256, precision: str = "float32",
+            progress: bool = True):
+    """Fill (or finish) the store at `out`; returns the open store. `precision` other than
+    float32 runs the backbone under autocast (recorded in the store: it changes the tokens)."""
+    if precision not in PRECISIONS:
+        raise InvalidSetting("precision", f"{{name}} {precision!r} is not one of {', '.join(PRECISIONS)}")
     if on_error not in ON_ERROR:
         raise InvalidSetting("on_error", f"{{name}} {on_error!r} is not one of {', '.join(ON_ERROR)}")
     if batch_size < 1:
@@ -110,13 +87,11 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
                                         f"{existing.get('model')!r}, not {model!r}: pass another "
                                         "{name} or delete that folder")
     ranks = resolve_ranks(rank, world)
-    device = resolve_device(device)
-    if ranks.distributed and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = ranks.device(resolve_device(device))
     source = open_source(resolve_data(data, demo_images)).limit(limit)
     backbone = build_backbone(model, weights, layer, device)
     itemsize = np.dtype(dtype).itemsize
-    spec = _store_spec(model, backbone, source, layer, dtype, chunk_images)
+    spec = _store_spec(model, backbone, source, layer, dtype, chunk_images, precision)
     if ranks.distributed:  # rank 0 creates; a refusal reaches every rank, none waits forever
         problem = [None]
         if ranks.rank == 0:
@@ -141,14 +116,15 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
         print(f"archsae: {model} ({backbone.timm_name}) weights={backbone.weights}, "
               f"{len(source)} images -> {out}")
     _run_units(store, source, backbone, todo, batch_size, on_error, workers, device,
-               progress, ranks)
+               PRECISIONS[precision], progress, ranks)
     ranks.barrier()
     if ranks.distributed:
         torch.distributed.destroy_process_group()
     return store
 
 
-def _store_spec(model: str, backbone, source, layer, dtype: str, chunk_images: int | None) -> StoreSpec:
+def _store_spec(model: str, backbone, source, layer, dtype: str, chunk_images: int | None,
+                precision: str) -> StoreSpec:
     """What the store of this backbone over this source holds, with its provenance."""
     kinds, grid, d, d_pooled = backbone.token_layout()
     itemsize = np.dtype(dtype).itemsize
@@ -162,7 +138,7 @@ def _store_spec(model: str, backbone, source, layer, dtype: str, chunk_images: i
             "preprocessing": {k: list(v) if isinstance(v, tuple) else v
                               for k, v in backbone.data_config.items()},
             "patch_grid": grid, "source": source.describe(),
-            "source_hash": source.manifest_hash(),
+            "source_hash": source.manifest_hash(), "precision": precision,
         })
 
 
@@ -181,8 +157,8 @@ def _check_disk(out, spec: StoreSpec, itemsize: int) -> None:
                         f"{free / 1e9:.2f} GB free: free some space or write to another folder")
 
 
-def _run_units(store, source, backbone, units, batch_size, on_error, workers, device, progress,
-               ranks) -> None:
+def _run_units(store, source, backbone, units, batch_size, on_error, workers, device, autocast,
+               progress, ranks) -> None:
     import timm
 
     if not units:
@@ -218,7 +194,8 @@ def _run_units(store, source, backbone, units, batch_size, on_error, workers, de
                     buf.errors[i - start] = err
             if ok:
                 images = torch.stack([x for _, x in ok]).to(device, non_blocking=True)
-                tokens, pooled = backbone.features(images)
+                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                    tokens, pooled = backbone.features(images)
                 rows = [i - start for i, _ in ok]
                 buf.tokens[rows] = tokens.float().cpu().numpy()
                 buf.pooled[rows] = pooled.float().cpu().numpy()

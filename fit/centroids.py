@@ -72,7 +72,7 @@ def centroid_set(store_path, settings: CentroidSettings = CentroidSettings(), to
         "k": k, "seed": seed, "tokens": tokens, "part": "train",
         "split": {"heldout": split.heldout, "seed": split.seed}, "n_tokens_sampled": n,
         "niter": niter, "inertia": inertia, "standardised": True, "faiss_version": faiss.__version__,
-        "gpu": bool(use_gpu)})
+        "gpu": bool(use_gpu), "seconds": round(time.perf_counter() - t, 3)})
     return name
 
 

@@ -4,6 +4,11 @@ constraint map applied after every optimiser step.
 - `FreeDictionary`: unconstrained atoms kept at unit norm (the standard SAE decoder).
 - `ArchetypalDictionary`: D = exp(m) (W C + Lambda), C frozen archetype points (K-means
   centroids), W row-stochastic, ||Lambda_i|| <= delta. delta = 0 is A-SAE, delta > 0 RA-SAE.
+  In training, the hull part H = W C is held as a leaf tensor; after each backward
+  `collect_hull_gradient` adds dL/dH to a running sum, which `hull_gradient_to_W` turns into W's
+  gradient (dL/dW = dL/dH C^T), so W can be updated every m steps at the cost of one product
+  instead of three per step. (Data-parallel fits average dL/dH across processes before it is
+  collected: k x d numbers instead of W's k x n'.)
 """
 
 import torch
@@ -24,7 +29,7 @@ class FreeDictionary(nn.Module):
         return self.atoms
 
     @torch.no_grad()
-    def project_(self) -> None:
+    def project_(self, hull: bool = True) -> None:
         self.atoms.copy_(unit_rows(self.atoms))
 
 
@@ -45,27 +50,55 @@ class ArchetypalDictionary(nn.Module):
         self.log_multiplier = nn.Parameter(torch.zeros(()), requires_grad=multiplier)
         self.delta, self.projection, self.project = float(delta), projection, project
         self._fused: torch.Tensor | None = None
+        self._hull: torch.Tensor | None = None  # W C in training, a leaf for dL/d(W C)
+        self.hull_grad_sum: torch.Tensor | None = None  # dL/d(W C) summed since W's update
         self.register_load_state_dict_post_hook(lambda module, keys: module._forget_fused())
 
     def _forget_fused(self) -> None:
-        self._fused = None
+        self._fused = self._hull = None
+
+    def hull(self) -> torch.Tensor:
+        """W C as a leaf whose .grad is this step's dL/d(W C)."""
+        if self._hull is None or self._hull.device != self.W.device:
+            with torch.no_grad():
+                self._hull = (self.W @ self.points).requires_grad_()
+        return self._hull
 
     def weight(self) -> torch.Tensor:
         """D; in eval mode W C + Lambda is fused once and reused."""
         if self.training:
-            return (self.W @ self.points + self.relax) * self.log_multiplier.exp()
+            return (self.hull() + self.relax) * self.log_multiplier.exp()
         if self._fused is None or self._fused.device != self.W.device:
             with torch.no_grad():
                 self._fused = (self.W @ self.points + self.relax) * self.log_multiplier.exp()
         return self._fused
 
     @torch.no_grad()
-    def project_(self) -> None:
+    def collect_hull_gradient(self) -> None:
+        """Add this step's dL/d(W C) to the running sum."""
+        if self._hull is None or self._hull.grad is None:
+            return
+        grad, self._hull.grad = self._hull.grad, None
+        self.hull_grad_sum = grad if self.hull_grad_sum is None else self.hull_grad_sum.add_(grad)
+
+    @torch.no_grad()
+    def hull_gradient_to_W(self, steps: int) -> None:
+        """W's gradient: the mean over the last `steps` steps of dL/dW = dL/d(W C) C^T, exact
+        because W did not change over them. The hull is rebuilt from W after its update."""
+        grad, self.hull_grad_sum = self.hull_grad_sum, None
+        self.W.grad = None if grad is None else (grad @ self.points.T).div_(steps)
+        self._hull = None
+
+    @torch.no_grad()
+    def project_(self, hull: bool = True) -> None:
+        """The constraint map; `hull=False`: W has not changed, only Lambda is clipped."""
         if not self.project:  # the "projection off" control of the stability study
             return
-        self.W.copy_(PROJECTIONS[self.projection](self.W))
+        if hull:
+            self.W.copy_(PROJECTIONS[self.projection](self.W))
+            self._forget_fused()
         self.relax.copy_(clip_row_norms(self.relax, self.delta))
-        self._forget_fused()
+        self._fused = None
 
     def train(self, mode: bool = True):
         self._forget_fused()

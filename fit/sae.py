@@ -65,7 +65,9 @@ class SparseAutoencoder(nn.Module):
 
     def decode(self, codes: Codes, atoms: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
         atoms = self.dictionary.weight() if atoms is None else atoms
-        if codes.indices is not None:  # k entries per row: a gather instead of a dense product
+        # Without gradients, k entries per row: a gather instead of a dense product. With them,
+        # the dense product: the gather's backward sorts the indices (1.4-1.7x slower on CPU)
+        if codes.indices is not None and not torch.is_grad_enabled():
             x_hat = F.embedding_bag(codes.indices, atoms, per_sample_weights=codes.values,
                                     mode="sum")
         else:
@@ -79,6 +81,6 @@ class SparseAutoencoder(nn.Module):
         return self.decode(codes), codes, pre
 
     @torch.no_grad()
-    def project_(self) -> None:
-        self.dictionary.project_()
+    def project_(self, hull: bool = True) -> None:
+        self.dictionary.project_(hull)
 

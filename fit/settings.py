@@ -193,6 +193,8 @@ class FitSettings(Settings):
     lr: float = setting(5e-4, "Adam learning rate of the encoder and free dictionaries.", low=0, low_open=True)
     dictionary_lr: float = setting(5e-3, "Learning rate of the archetypal W and Lambda.", low=0, low_open=True)
     dictionary_eps: float = setting(1e-6, "Adam's eps for W (see docs/fit.md).", low=0, low_open=True)
+    w_every: int = setting(1, "Steps between updates of the archetypal W; its gradient is the exact mean "
+                              "of theirs, and W C is recomputed only then (see docs/fit.md).", low=1)
     warmup: float = setting(0.05, "Fraction of the steps spent warming the learning rate up.",
                             low=0, high=1, high_open=True)
     final_lr: float = setting(1.0, "Fraction of the learning rate reached at the end of a cosine decay "

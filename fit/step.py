@@ -13,9 +13,11 @@ import math
 
 import torch
 
+from archsae.errors import UserError
 from archsae.fit.encoders import Codes
 from archsae.fit.sae import SparseAutoencoder
 from archsae.fit.settings import FitSettings, SAESettings
+from archsae.ranks import Ranks
 
 
 def lr_factor(step: int, total: int, warmup: float, final: float) -> float:
@@ -34,8 +36,14 @@ class TrainingStep:
 
     def __init__(self, sae: SAESettings, cfg: FitSettings, points: torch.Tensor | None,
                  total_steps: int, device: torch.device, mean: torch.Tensor | None = None,
-                 std: torch.Tensor | None = None):
+                 std: torch.Tensor | None = None, ranks: Ranks = Ranks(0, 1, False)):
         self.sae, self.cfg, self.total_steps, self.device = sae, cfg, total_steps, device
+        self.ranks = ranks  # data-parallel: each process steps on its part of the batch
+        if ranks.world > 1 and (sae.encoder != "topk" or cfg.batch_size % ranks.world):
+            raise UserError(f"a data-parallel fit needs a TopK encoder (the others set thresholds "
+                            f"from the whole batch) and a batch size divisible by the {ranks.world} "
+                            f"processes, not {sae.encoder} and {cfg.batch_size}: change them, or "
+                            "fit in one process")
         self.model = SparseAutoencoder(sae, points, torch.Generator().manual_seed(cfg.seed))
         if mean is not None:
             self.model.input_mean.copy_(mean)
@@ -61,6 +69,7 @@ class TrainingStep:
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8,
                                           fused=device.type in ("cpu", "cuda"))
         self.step = 0
+        self.hull_steps = 0  # steps whose dL/d(W C) the archetypal hull has summed since W's update
         self.penalty_coef = torch.tensor(1e-2, dtype=torch.float64, device=device)
         self.silent_tokens = torch.zeros(sae.concepts, dtype=torch.int64, device=device)
 
@@ -83,18 +92,33 @@ class TrainingStep:
                 loss = loss + self.penalty_coef.float() * penalty
             dead = self.silent_tokens >= cfg.dead_tokens
             aux = torch.zeros((), device=x.device)
-            if self.step * len(x) >= cfg.dead_tokens:  # before that no code can be dead yet
+            batch = len(x) * self.ranks.world
+            if self.step * batch >= cfg.dead_tokens:  # before that no code can be dead yet
                 aux = self._aux_loss(pre, atoms, err.detach(), dead)
                 loss = loss + cfg.aux_alpha * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.ranks.world > 1:
+            self._average_gradients()
+        self.hull_steps += 1
+        update_w = self.hull_steps == cfg.w_every or self.step + 1 == self.total_steps
+        if s.dictionary == "archetypal":
+            model.dictionary.collect_hull_gradient()
+            if update_w:  # W's gradient, else W is left alone
+                model.dictionary.hull_gradient_to_W(self.hull_steps)
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         self.optimizer.step()
-        model.project_()
+        model.project_(hull=update_w)
+        if update_w:
+            self.hull_steps = 0
         with torch.no_grad():
             fired = (codes.dense > 0).any(0)
-            self.silent_tokens = torch.where(fired, 0, self.silent_tokens + len(x))
+            if self.ranks.world > 1:  # fired anywhere in the global batch
+                fired = fired.to(torch.uint8)
+                torch.distributed.all_reduce(fired, torch.distributed.ReduceOp.MAX)
+                fired = fired.bool()
+            self.silent_tokens = torch.where(fired, 0, self.silent_tokens + batch)
             if model.encoder.penalised:  # steer the penalty towards the target L0
                 ratio = (l0.double() / s.top_k - 1.0).clamp(-1.0, 1.0)
                 self.penalty_coef = (self.penalty_coef * torch.exp(0.01 * ratio)).clamp(1e-6, 1e3)
@@ -103,6 +127,36 @@ class TrainingStep:
         self.step += 1
         return {"loss": loss.detach(), "mse": mse.detach(), "r2": r2, "l0": l0,
                 "penalty_coef": self.penalty_coef, "dead": dead.float().mean(), "aux": aux.detach()}
+
+    def _average_gradients(self) -> None:
+        """Mean of every gradient over the processes (each a mean over its equal part of the
+        batch: together the global batch's), one flat all-reduce; the archetypal W's is its
+        hull's dL/d(W C), k x d, rather than W's own k x n'."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        hull = getattr(self.model.dictionary, "_hull", None)
+        if hull is not None and hull.grad is not None:
+            grads.append(hull.grad)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.ranks.world
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint needs besides the model and optimizer to resume this exact run."""
+        tensors = {"silent_tokens": self.silent_tokens, "penalty_coef": self.penalty_coef,
+                   "hull_steps": torch.tensor(self.hull_steps)}
+        pending = getattr(self.model.dictionary, "hull_grad_sum", None)
+        if pending is not None:
+            tensors["hull_grad"] = pending
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.silent_tokens = tensors["silent_tokens"].to(self.device)
+        self.penalty_coef = tensors["penalty_coef"].to(self.device)
+        self.hull_steps = int(tensors.get("hull_steps", 0))
+        if "hull_grad" in tensors:
+            self.model.dictionary.hull_grad_sum = tensors["hull_grad"].to(self.device)
 
     def _aux_loss(self, pre, atoms, residual, dead):
         """AuxK: the dead codes' own top-k reconstructs the main reconstruction's error. Without
@@ -113,6 +167,7 @@ class TrainingStep:
         masked = pre.masked_fill(~dead, float("-inf"))
         values, indices = masked.topk(k_aux, dim=-1)
         values = torch.relu(values)
-        aux_hat = self.model.decode(Codes(None, indices, values), atoms, bias=False)
+        dense = torch.zeros_like(pre).scatter(-1, indices, values)
+        aux_hat = self.model.decode(Codes(dense, indices, values), atoms, bias=False)
         return (aux_hat.float() - residual).pow(2).sum(-1).mean() / self.sae.d * dead.any()
 

@@ -6,6 +6,7 @@ in `archsae.fit.step`.
 
 import hashlib
 import json
+import os
 import signal
 import time
 from dataclasses import replace
@@ -23,18 +24,21 @@ from archsae.fit.checkpoint import (SCHEMA_VERSION, check_store, fit_settings, l
                                     read_config, restore_optimizer, save_checkpoint, write_tensors)
 from archsae.fit.settings import CentroidSettings, FitSettings, SAESettings
 from archsae.fit.step import TrainingStep
+from archsae.ranks import Ranks, resolve_ranks
 
 
 class Trainer:
     """One fit: the model, its optimiser and the position in the token stream."""
 
-    def __init__(self, store_path, fitdir, sae: SAESettings, fit: FitSettings, progress=True):
+    def __init__(self, store_path, fitdir, sae: SAESettings, fit: FitSettings, progress=True,
+                 ranks: Ranks = Ranks(0, 1, False)):
         self.fitdir = Path(fitdir)
         self.store = open_store(store_path, mode="r+")
-        self.sae, self.cfg, self.progress = sae, fit, progress
+        self.sae, self.cfg, self.ranks = sae, fit, ranks
+        self.progress = progress and ranks.main
         if sae.d != self.store.d:
             raise UserError(f"the SAE expects d={sae.d} but {self.store.path} has d={self.store.d}")
-        self.device = resolve_device(fit.device)
+        self.device = ranks.device(resolve_device(fit.device))
         self.loader = TokenStore(self.store, tokens=fit.tokens, part="train", split=fit.split,
                                  subset=fit.subset, subset_seed=fit.subset_seed)
         self.steps_per_epoch = self.loader.num_batches(fit.batch_size)
@@ -46,7 +50,7 @@ class Trainer:
         step_cfg = replace(fit, dead_tokens=min(fit.dead_tokens, self.loader.n_tokens))
         points = load_points(self.store, sae.centroids) if sae.needs_centroids else None
         self.learner = TrainingStep(sae, step_cfg, points, self.total_steps, self.device,
-                                    self.loader.mean, self.loader.std)
+                                    self.loader.mean, self.loader.std, ranks)
         self.stop_requested = False
 
     # -- state -----------------------------------------------------------------------------
@@ -56,7 +60,8 @@ class Trainer:
                           "model": self.store.attrs.get("model"), "d": self.store.d},
                 "centroids": self._centroid_info(),
                 "sae": self.sae.to_dict(), "fit": self.cfg.to_dict(),
-                "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
+                "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "processes": self.ranks.world}
 
     def _centroid_info(self):
         if not self.sae.needs_centroids:
@@ -66,38 +71,44 @@ class Trainer:
                 **attrs}
 
     def save(self) -> None:
+        if not self.ranks.main:  # every process holds the same state: one writes it
+            return
         save_checkpoint(self.fitdir, self.learner.step, self.learner.model, self.learner.optimizer,
-                        {"silent_tokens": self.learner.silent_tokens,
-                         "penalty_coef": self.learner.penalty_coef}, {"step": self.learner.step})
+                        self.learner.state_tensors(), {"step": self.learner.step})
 
     def resume(self) -> None:
         """Continue from the last checkpoint (or from the start when none was written)."""
         ckpt = load_checkpoint(self.fitdir)
         if ckpt is None:
-            _truncate_metrics(self.fitdir / "metrics.jsonl", 0)
+            if self.ranks.main:
+                _truncate_metrics(self.fitdir / "metrics.jsonl", 0)
             return
         model_t, opt_t, trainer_t, state = ckpt
         self.learner.model.load_state_dict(model_t)
         restore_optimizer(self.learner.optimizer, opt_t, state["optimizer"])
-        self.learner.silent_tokens = trainer_t["silent_tokens"].to(self.device)
-        self.learner.penalty_coef = trainer_t["penalty_coef"].to(self.device)
+        self.learner.load_state_tensors(trainer_t)
         self.learner.step = state["step"]
-        _truncate_metrics(self.fitdir / "metrics.jsonl", self.learner.step)
+        if self.ranks.main:
+            _truncate_metrics(self.fitdir / "metrics.jsonl", self.learner.step)
 
     def run(self) -> None:
-        self.fitdir.mkdir(parents=True, exist_ok=True)
-        write_json(self.fitdir / "config.json", self.config(finished=False))
+        main = self.ranks.main  # writes the fit folder; the other processes only compute
+        if main:
+            self.fitdir.mkdir(parents=True, exist_ok=True)
+            write_json(self.fitdir / "config.json", self.config(finished=False))
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
-            with open(self.fitdir / "metrics.jsonl", "a") as log, \
+            with open(self.fitdir / "metrics.jsonl" if main else os.devnull, "a") as log, \
                     tqdm(total=self.total_steps, initial=self.learner.step, unit="step",
                          desc=f"fit {self.sae.name}", disable=not self.progress, dynamic_ncols=True) as bar:
                 self._train(log, bar)
         finally:
             signal.signal(signal.SIGTERM, previous)
         self.save()
-        write_tensors(self.fitdir / "model.safetensors", self.learner.model.state_dict())
-        write_json(self.fitdir / "config.json", self.config(finished=True))
+        if main:
+            write_tensors(self.fitdir / "model.safetensors", self.learner.model.state_dict())
+            write_json(self.fitdir / "config.json", self.config(finished=True))
+        self.ranks.barrier()
 
     def _train(self, log, bar) -> None:
         """Steps until the end (or a SIGTERM); metrics are read off the device only when logged."""
@@ -105,9 +116,14 @@ class Trainer:
         t0, tokens = time.perf_counter(), 0
         while learner.step < self.total_steps:
             epoch, start = divmod(learner.step, self.steps_per_epoch)
-            for x in self.loader.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start):
-                row = learner(x.to(self.device, non_blocking=True))
-                tokens += len(x)
+            # on a GPU the stored values travel (pinned, half the bytes) and are standardised there
+            raw = self.device.type == "cuda"
+            part = (self.ranks.rank, self.ranks.world)
+            for x in self.loader.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start, raw=raw,
+                                         part=part):
+                x = x.to(self.device, non_blocking=True)
+                row = learner(learner.model.standardise(self.loader.decode(x)) if raw else x)
+                tokens += len(x) * self.ranks.world
                 bar.update(1)
                 if learner.step % cfg.log_every == 0 or learner.step == self.total_steps:
                     rate = tokens / (time.perf_counter() - t0)
@@ -169,9 +185,15 @@ def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = F
     store = open_store(store_path)
     _check_output(fitdir)
     resolve_device(cfg.device)  # refuse a device this machine lacks before any work
-    if not (fitdir / "config.json").exists():
-        sae = with_centroids(store_path, sae, cfg, centroids, progress)
-        Trainer(store_path, fitdir, sae, cfg, progress).run()
+    ranks = resolve_ranks()  # under torchrun: one process per part of each batch
+    new = not (fitdir / "config.json").exists()
+    ranks.barrier()  # every process has looked before the first one writes
+    if new:
+        if ranks.main:  # the centroids are computed once; the others then find them
+            sae = with_centroids(store_path, sae, cfg, centroids, progress)
+        ranks.barrier()
+        sae = with_centroids(store_path, sae, cfg, centroids, progress and ranks.main)
+        Trainer(store_path, fitdir, sae, cfg, progress, ranks).run()
         return
     old = read_config(fitdir)
     check_store(fitdir, old, store)
@@ -185,7 +207,7 @@ def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = F
         if not resume:
             raise UserError(f"{fitdir} already holds a finished fit: write to another folder")
         return
-    trainer = Trainer(store_path, fitdir, old_sae, replace(old_cfg, device=cfg.device), progress)
+    trainer = Trainer(store_path, fitdir, old_sae, replace(old_cfg, device=cfg.device), progress, ranks)
     trainer.resume()
     trainer.run()
 

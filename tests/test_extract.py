@@ -15,6 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from archsae.cache import TOKEN_KINDS, open_store
+from archsae.cache.store import store_id
 from archsae.extract.demo_data import write_demo_shards
 from archsae.extract.presets import PRESETS, build_backbone
 from archsae.extract.sources import open_source
@@ -73,6 +74,28 @@ def test_stored_tokens_are_the_backbone_outputs(demo_shards, tmp_path):
     assert store.attrs["preprocessing"]["input_size"] == [3, 160, 160]
     assert store.attrs["source"]["kind"] == "webdataset"
     assert store.attrs["source_hash"] == src.limit(5).manifest_hash()
+
+
+def test_bfloat16_autocast_is_recorded_and_close_to_float32(demo_shards, tmp_path):
+    args = ("--model", TINY, "--data", demo_shards, "--weights", "random", "--limit", 4,
+            "--dtype", "float32", "--workers", 0)
+    assert cli("extract", *args, "--out", tmp_path / "f32").exit_code == 0
+    assert cli("extract", *args, "--precision", "bfloat16", "--out", tmp_path / "bf16").exit_code == 0
+    f32, bf16 = open_store(tmp_path / "f32"), open_store(tmp_path / "bf16")
+    assert (f32.attrs["precision"], bf16.attrs["precision"]) == ("float32", "bfloat16")
+    assert f32.id != bf16.id
+    a, b = np.asarray(f32.tokens[:]), np.asarray(bf16.tokens[:])
+    assert not np.array_equal(a, b)
+    assert np.square(a - b).sum() / np.square(a - a.mean((0, 1))).sum() < 1e-2
+    # resuming a store with another precision is refused by its identity
+    res = cli("extract", *args, "--precision", "bfloat16", "--out", tmp_path / "f32")
+    assert res.exit_code == 2 and "precision" in res.output
+
+
+def test_stores_from_before_precision_was_recorded_keep_their_id():
+    old = {"model": "vit", "dtype": "float16", "shape": [1, 2, 3]}
+    assert store_id(old) == store_id({**old, "precision": "float32"}) != \
+        store_id({**old, "precision": "bfloat16"})
 
 
 def test_token_order_is_row_major_for_feature_maps():

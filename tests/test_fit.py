@@ -1,7 +1,10 @@
 """Fit stage: projections, archetypal constraints, every SAE variant, resume, export, errors."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -13,7 +16,9 @@ from scipy.optimize import linprog
 from archsae.cache import TokenStore
 from archsae.evaluate.run import evaluate_fit
 from archsae.fit import load
-from archsae.fit.projections import clip_row_norms, project_rows_to_simplex, relu_renormalise_rows
+from archsae.fit.dictionaries import ArchetypalDictionary
+from archsae.fit.projections import (_simplex_threshold, clip_row_norms, project_rows_to_simplex,
+                                    refine_threshold, relu_renormalise_rows)
 from archsae.fit import SAESettings, sae_settings
 from archsae.fit.step import TrainingStep
 from archsae.fit import FitSettings, fit
@@ -57,6 +62,18 @@ def test_candidate_shortcut_equals_the_full_sort():
     fast = project_rows_to_simplex(w, candidates=16)  # the dense rows take the fallback
     torch.testing.assert_close(fast, full)
     assert (fast[:20] > 0).sum(-1).max() <= 3 and (fast[20:] > 0).sum(-1).min() > 16
+
+
+def test_threshold_refined_without_host_round_trips_is_exact():
+    """The CUDA path: Michelot's passes from the top candidates' lower bound reach the exact
+    threshold, also for rows whose support is far wider than the candidates."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 4000, generator=g, dtype=torch.float64) * 0.01
+    w[:16, :5] += 1.0
+    tau, _ = _simplex_threshold(w.topk(16, dim=-1).values)
+    refined = (w - refine_threshold(w, tau)).clamp(min=0)
+    torch.testing.assert_close(refined, project_rows_to_simplex(w))
+    assert (refined[16:] > 0).sum(-1).min() > 100
 
 
 def test_paper_projection_and_norm_clip():
@@ -117,14 +134,43 @@ def test_every_sae_trains_and_lowers_its_loss(store, tmp_path, sae):
     assert (config["centroids"] is not None) == (sae in ("ra", "a"))
 
 
+def test_w_gradient_summed_over_steps_is_exact():
+    """W updated every m steps gets the mean of the m gradients it would have had (W fixed)."""
+    g = torch.Generator().manual_seed(0)
+    points, targets = torch.randn(12, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    dictionary = ArchetypalDictionary(4, points, delta=0.5)
+    dictionary.relax.data.normal_(generator=g)
+    for t in targets:
+        (dictionary.weight() - t).pow(2).sum().backward()
+        dictionary.collect_hull_gradient()
+    dictionary.hull_gradient_to_W(len(targets))
+    W = dictionary.W.detach().clone().requires_grad_()
+    sum((W @ points + dictionary.relax.detach() - t).pow(2).sum() for t in targets).backward()
+    torch.testing.assert_close(dictionary.W.grad, W.grad / len(targets))
+
+
+def test_w_every_updates_w_only_at_the_end_of_each_window(store):
+    points = torch.from_numpy(TokenStore(store).sample(64)).float()
+    learner = TrainingStep(sae_settings("ra", 64, concepts=32, top_k=4), FitSettings(w_every=3), points,
+                           100, torch.device("cpu"))
+    x = torch.from_numpy(TokenStore(store).sample(128, seed=1)).float()
+    changed = []
+    for _ in range(6):
+        before = learner.model.dictionary.W.detach().clone()
+        learner(x)
+        changed.append(not torch.equal(before, learner.model.dictionary.W))
+    assert changed == [False, False, True, False, False, True]
+
+
 def test_no_projection_control_leaves_the_simplex(store, tmp_path):
     fit(store, tmp_path / "f", small("a", project=False), FitSettings(**FAST), progress=False)
     W = load(tmp_path / "f").dictionary.W.detach()
     assert (W < 0).any() or not torch.allclose(W.sum(-1), torch.ones(len(W)))
 
 
-def test_resume_after_sigterm_equals_an_uninterrupted_fit(store, tmp_path, monkeypatch):
-    cfg = FitSettings(**{**FAST, "epochs": 3, "checkpoint_every": 7})
+@pytest.mark.parametrize("w_every", [1, 5])  # 5: the cut falls inside a window of W's gradient sum
+def test_resume_after_sigterm_equals_an_uninterrupted_fit(store, tmp_path, monkeypatch, w_every):
+    cfg = FitSettings(**{**FAST, "epochs": 3, "checkpoint_every": 7, "w_every": w_every})
     fit(store, tmp_path / "ref", small("ra"), cfg, progress=False)
     trainer = Trainer(store, tmp_path / "cut", small("ra"), cfg, progress=False)
     step = TrainingStep.__call__
@@ -237,3 +283,30 @@ def test_topk_started_at_centroids_does_not_overshoot_at_init():
     with torch.no_grad():
         r2 = 1 - (x - model(x)[0]).pow(2).sum() / x.pow(2).sum()
     assert r2 > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sae", ["ra", "topk"])
+def test_torchrun_two_ranks_fit_the_model_of_one_process(store, tmp_path, sae):
+    """Data-parallel: --batch-size is the global batch, each of 2 CPU ranks (gloo) takes half of
+    it; the model equals one process's with the same global batch (float tolerance: the
+    all-reduce sums in another order), and resuming under torchrun works."""
+    args = ["fit", str(store), "--sae", sae, "--concepts", "32", "--top-k", "4", "--epochs", "2",
+            "--batch-size", "256", "--lr", "2e-3", "--centroids", "k64-seed0-all-heldout0.1s0",
+            "--checkpoint-every", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "archsae", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "archsae", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout.count("held-out R^2") == 1, "rank 0 alone reports"
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["processes"] == 2
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    rows = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})

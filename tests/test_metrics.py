@@ -90,3 +90,29 @@ def test_evaluate_and_stability_cli(tmp_path):
     assert res.exit_code == 0 and "over 1 pairs" in res.output
     res = cli("stability", tmp_path / "f0", tmp_path / "f0")
     assert "stability 1.0000" in res.output
+
+
+def test_one_pass_over_all_kinds_equals_a_pass_per_kind(fit_store):
+    """The per-kind tallies of the single pass, and "all" as their sum, equal separate passes."""
+    from archsae.cache import open_store
+    from archsae.evaluate.run import evaluate_model
+
+    store = open_store(fit_store)
+    atoms = torch.randn(40, store.d, generator=torch.Generator().manual_seed(0))
+
+    def predict(x):  # signed codes: connectivity then needs |Z|^T |Z|
+        z = x @ atoms.T
+        z = z * (z.abs() >= z.abs().topk(5, dim=-1).values[:, -1:])
+        return z @ atoms * 0.1, z
+
+    def standardise(x):
+        return x / 3
+
+    one = evaluate_model(store, predict, atoms, standardise, batch_size=37, progress=False)
+    assert set(one) == {"all", "cls", "patch"}
+    for kind in one:
+        alone = evaluate_model(store, predict, atoms, standardise, tokens=kind, batch_size=37,
+                               progress=False)[kind]
+        assert one[kind].keys() == alone.keys()
+        for key, value in alone.items():
+            assert one[kind][key] == pytest.approx(value, rel=1e-5, abs=1e-9), (kind, key)

@@ -102,6 +102,28 @@ def test_loader_epoch_is_a_permutation_of_standardised_tokens(tmp_path):
     np.testing.assert_allclose(got.std(0), 1, atol=1e-4)
 
 
+def test_raw_batches_are_the_stored_values_of_the_same_stream(tmp_path):
+    store, _ = make_store(tmp_path / "s", n=30)
+    loader = TokenStore(store, part="train", shuffle_tokens=40)
+    for drop_last in (True, False):
+        ours = list(loader.batches(16, seed=2, drop_last=drop_last))
+        raw = list(loader.batches(16, seed=2, drop_last=drop_last, raw=True))
+        assert len(raw) == len(ours) and all(r.dtype == torch.float32 for r in raw)  # stored dtype
+        for x, r in zip(ours, raw):
+            torch.testing.assert_close(x, (r - loader.mean) / loader.std)
+
+
+def test_parts_of_a_batch_tile_it(tmp_path):
+    """Data-parallel fits: process i of n gets the i-th slice of each global batch."""
+    store, _ = make_store(tmp_path / "s", n=30)
+    loader = TokenStore(store, part="train", shuffle_tokens=40)
+    whole = list(loader.batches(16, seed=5))
+    halves = [list(loader.batches(16, seed=5, part=(i, 2))) for i in range(2)]
+    assert all(len(h) == len(whole) for h in halves)
+    for x, a, b in zip(whole, *halves):
+        torch.testing.assert_close(torch.cat([a, b]), x)
+
+
 def test_loader_without_shuffle_reads_in_store_order(tmp_path):
     store, tokens = make_store(tmp_path / "s", n=12)
     loader = TokenStore(store, tokens="cls", part="all", standardize=False)
@@ -193,3 +215,38 @@ def test_info_json_and_text(tmp_path):
     assert res.exit_code == 0 and "complete     yes" in res.output and "k2" in res.output
     res = cli("info", tmp_path)
     assert res.exit_code == 2 and "not an archsae activation store" in res.output
+
+
+def test_convert_to_int8_reads_back_within_half_a_step(tmp_path):
+    store, tokens = make_store(tmp_path / "s", n=37, errors={4})
+    res = cli("convert", tmp_path / "s", "--out", tmp_path / "q")
+    assert res.exit_code == 0, res.output
+    q = open_store(tmp_path / "q")
+    assert q.attrs["dtype"] == "int8" and q.tokens.dtype == np.int8
+    assert q.attrs["converted_from"] == store.id and q.attrs["source_hash"] == store.attrs["source_hash"]
+    scale, offset = q.quantisation
+    back = offset + scale * np.asarray(q.tokens[:], np.float32)
+    valid = np.ones(37, bool)
+    valid[4] = False
+    err = np.abs(back - tokens)[valid]
+    assert (err <= scale / 2 + 1e-5).all()
+    centred = tokens[valid] - tokens[valid].mean((0, 1))
+    assert 1 - np.square(err).sum() / np.square(centred).sum() >= 0.9995
+    # the loader decodes and standardises with the store's own statistics (of what reads back)
+    raw = TokenStore(q, part="train", shuffle_tokens=40)
+    batches = list(raw.batches(16, seed=1))
+    assert all(b.dtype == torch.float32 for b in batches)
+    for x, r in zip(batches, raw.batches(16, seed=1, raw=True)):
+        assert r.dtype == torch.int8
+        torch.testing.assert_close(x, (raw.decode(r) - raw.mean) / raw.std)
+    ref = torch.cat(list(TokenStore(store, part="train", shuffle_tokens=40).batches(16, seed=1)))
+    torch.testing.assert_close(torch.cat(batches), ref, atol=0.05, rtol=0)
+    assert info_json(tmp_path / "q")["bytes_on_disk"] <= tokens.size + 100_000
+    # a rerun finds the conversion done; bad requests are one line with exit code 2
+    assert cli("convert", tmp_path / "s", "--out", tmp_path / "q").exit_code == 0
+    for args in (("convert", tmp_path / "q", "--out", tmp_path / "q2"),  # already int8
+                 ("import", tmp_path / "x.npy", "--out", tmp_path / "i", "--dtype", "int8")):
+        if args[0] == "import":
+            np.save(tmp_path / "x.npy", np.ones((4, 3), np.float32))
+        res = cli(*args)
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output

@@ -1,0 +1,139 @@
+"""`make gpu-check`: the paper-scale figures on one GPU, within about 8 minutes on an H100.
+
+- TopK and RA-SAE training steps/s at the paper's size (d 768, 3,840 concepts, top-k 384,
+  32,000 centroids, batch 4,096), through `archsae fit`'s own path (TokenStore -> Trainer,
+  checkpoints and logs included) from a float16 store written on local disk, and the projected
+  time of one epoch over the paper's 334M tokens (DINOv2 over ImageNet-1k);
+- K-means seconds per iteration at 32,000 centroids (`archsae centroids`; faiss on the GPU when
+  its build has GPU support, and it says which), with the time projected to 8.2M tokens;
+- extraction images/s of a DINOv2-shaped ViT-B/14 (random weights: speed and error only) in
+  bf16 and fp16 autocast against float32 (`archsae extract --precision`), and the error of the
+  16-bit tokens against the float32 ones (1 - R^2).
+On a machine without CUDA it refuses in one line (exit 2).
+
+    python -m benchmarks.gpu_check [--images 4096] [--niter 5] [--extract-images 2048]
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import PAPER_D, PAPER_TOKENS, PAPER_TOKENS_PER_IMAGE, paper_store, result
+
+PAPER_CONCEPTS, PAPER_CENTROIDS, PAPER_BATCH = 3840, 32000, 4096
+PAPER_KMEANS_TOKENS = 256 * PAPER_CENTROIDS  # faiss's cap per centroid, our default sample
+
+
+def parse_args():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=4096,
+                    help="images x 261 tokens in the store (4096: one epoch is 235 steps)")
+    ap.add_argument("--niter", type=int, default=5, help="K-means iterations timed")
+    ap.add_argument("--extract-images", type=int, default=2048)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--work", help="folder for the store (default: a temporary folder on local disk)")
+    return ap.parse_args()
+
+
+def kmeans(store_path: Path, niter: int) -> dict:
+    from archsae.cache import open_store
+    from archsae.fit import CentroidSettings, centroid_set
+
+    name = centroid_set(store_path, CentroidSettings(n_centroids=PAPER_CENTROIDS, niter=niter), progress=True)
+    meta = open_store(store_path).load_centroids(name)[1]
+    per_iter = meta["seconds"] / niter
+    return {"name": name, "gpu": meta["gpu"], "tokens": meta["n_tokens_sampled"], "s_per_iter": per_iter,
+            "s_per_iter_paper": per_iter * PAPER_KMEANS_TOKENS / meta["n_tokens_sampled"]}
+
+
+def steps_per_s(store_path: Path, work: Path, sae: str, centroids: str, args) -> float:
+    """Steps/s of a fit as users run it, from its own metrics.jsonl, leaving out the steps
+    before the first logged row (start-up: allocations, kernel choice, first batches)."""
+    from archsae.fit import FitSettings, fit, sae_settings
+
+    settings = sae_settings(sae, PAPER_D, PAPER_CONCEPTS, centroids=centroids if sae == "ra" else None)
+    cfg = FitSettings(epochs=1, batch_size=PAPER_BATCH, log_every=10, checkpoint_every=10**9,
+                      device=args.device)
+    out = work / f"fit-{sae}"
+    fit(store_path, out, settings, cfg, progress=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    t = [r["step"] * PAPER_BATCH / r["tokens_per_s"] for r in (first, last)]
+    return (last["step"] - first["step"]) / (t[1] - t[0])
+
+
+def extraction(args, work: Path) -> dict:
+    """Images/s of the backbone's forward alone and of `archsae extract` (decoding included) at
+    each precision, and the error of each precision's stored tokens against float32's."""
+    from archsae.extract.presets import build_backbone
+    from archsae.extract.run import PRECISIONS, extract
+
+    device = torch.device(args.device)
+    backbone = build_backbone("dinov2", "random", device=device)
+    images = torch.randn(256, *backbone.data_config["input_size"], device=device)
+    out = {}
+    for precision, dtype in PRECISIONS.items():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            backbone.features(images)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(5):
+                backbone.features(images)
+            torch.cuda.synchronize()
+        forward = 5 * len(images) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        store = extract("dinov2", "demo", work / f"extract-{precision}", weights="random",
+                        demo_images=args.extract_images, batch_size=256, device=args.device,
+                        precision=precision, progress=False)
+        out[precision] = {"forward": forward, "extract": args.extract_images / (time.perf_counter() - t),
+                          "tokens": np.asarray(store.tokens[:]).astype(np.float32)}
+    ref = out["float32"]["tokens"]
+    centred = np.square(ref - ref.mean((0, 1))).sum()
+    for o in out.values():
+        o["error"] = float(np.square(o.pop("tokens") - ref).sum() / centred)
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    if not torch.cuda.is_available():
+        print("gpu-check needs a CUDA GPU and this machine has none: run `make gpu-check` on a GPU "
+              "host (the CPU figures are in `make bench`)", file=sys.stderr)
+        sys.exit(2)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory(prefix="archsae-gpu-", dir=args.work) as work:
+        work = Path(work)
+        t = time.perf_counter()
+        paper_store(work / "store", args.images)
+        print(f"store: {args.images} images x {PAPER_TOKENS_PER_IMAGE} tokens x {PAPER_D} float16 written in "
+              f"{time.perf_counter() - t:.0f} s")
+        km = kmeans(work / "store", args.niter)
+        print(f"k-means K={PAPER_CENTROIDS} on {km['tokens']} tokens, faiss on "
+              f"{'the GPU' if km['gpu'] else 'the CPU (no GPU build of faiss here)'}: "
+              f"{km['s_per_iter']:.2f} s per iteration, {km['s_per_iter_paper']:.1f} s at 8.2M tokens")
+        rates = {sae: steps_per_s(work / "store", work, sae, km["name"], args) for sae in ("topk", "ra")}
+        ext = extraction(args, work)
+    epoch_min = {sae: PAPER_TOKENS / PAPER_BATCH / r / 60 for sae, r in rates.items()}
+    for sae, r in rates.items():
+        print(f"{sae}: {r:.1f} steps/s at batch {PAPER_BATCH} ({r * PAPER_BATCH / 1e6:.2f}M tokens/s), "
+              f"one 334M-token epoch in {epoch_min[sae]:.1f} min")
+    for precision, o in ext.items():
+        print(f"extract {precision}: backbone {o['forward']:.0f} images/s, `archsae extract` (decoding "
+              f"included) {o['extract']:.0f} images/s, 1 - R^2 against float32 {o['error']:.2e}")
+    result("gpu_topk_steps_per_s", rates["topk"], ">=", 272)
+    result("gpu_ra_steps_per_s", rates["ra"], ">=", 272)
+    result("gpu_ra_epoch_minutes", epoch_min["ra"], "<=", 5)
+    result("gpu_ra_over_topk_step", rates["topk"] / rates["ra"], "<=", 1.5)
+    result("gpu_kmeans_s_per_iter_32k_8m_tokens", km["s_per_iter_paper"], "<=", 9)
+    result("gpu_extract_forward_bf16_over_fp32", ext["bfloat16"]["forward"] / ext["float32"]["forward"], ">=", 1.5)
+    result("gpu_extract_bf16_over_fp32", ext["bfloat16"]["extract"] / ext["float32"]["extract"], ">=", 1.0)
+    result("gpu_extract_bf16_error", ext["bfloat16"]["error"], "<=", 1e-2)
+
+if __name__ == "__main__":
+    main()
