@@ -6,7 +6,7 @@ import numpy as np
 from tqdm import tqdm
 
 from archsae.cache.quantise import affine_constants, dequantise
-from archsae.cache.store import StoreSpec, _attrs_for, create_or_open, open_store, resumable_units
+from archsae.cache.store import StoreSpec, create_or_open, open_store, provenance_of, resumable_units
 from archsae.errors import InvalidSetting, UserError
 
 
@@ -16,9 +16,8 @@ def read_unit(store, unit: int) -> dict:
     g = store.group
     try:
         tokens = np.asarray(g["tokens"][start:stop])
-    except Exception as exc:  # a chunk damaged since it was written
-        raise UserError(f"{store.path}: unit {unit} (images {start}..{stop - 1}) cannot be read "
-                        f"({type(exc).__name__}): rerun the command that made the store to mend it") from None
+    except Exception as exc:
+        raise store.damaged(unit, exc) from None
     tokens = dequantise(tokens, *store.quantisation) if store.quantisation else tokens.astype(np.float32)
     return {"tokens": tokens, "keys": [str(k) for k in np.asarray(g["keys"][start:stop])],
             "labels": np.asarray(g["labels"][start:stop]),
@@ -48,12 +47,10 @@ def convert(src, out, dtype: str, progress: bool = True):
         raise UserError(f"{src} is incomplete: rerun the `archsae extract` that made it first")
     if dtype == source.attrs["dtype"]:
         raise InvalidSetting("dtype", f"{src} is already {dtype}: choose another {{name}}")
-    derived = set(_attrs_for(StoreSpec(1, source.token_kind, source.d, 1)))  # the format's own keys
-    provenance = {k: v for k, v in source.attrs.items() if k not in derived}
     d_pooled = source.group["pooled"].shape[1] if "pooled" in source.group else None
     quantisation = affine_constants(*feature_range(source, progress)) if dtype == "int8" else None
     spec = StoreSpec(source.n_images, source.token_kind, source.d, source.chunk_images, dtype, d_pooled,
-                     {**provenance, "converted_from": source.id}, quantisation)
+                     {**provenance_of(source.attrs), "converted_from": source.id}, quantisation)
     store = create_or_open(out, spec)
     if quantisation is not None and not all(np.array_equal(a, b) for a, b in zip(store.quantisation, quantisation)):
         raise UserError(f"{out} holds a conversion with other quantisation constants: pass another "

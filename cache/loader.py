@@ -83,11 +83,7 @@ class TokenStore:
         try:
             return self._read_unit(unit, out)
         except Exception as exc:
-            start, stop = self.store.unit_bounds(unit)
-            raise UserError(f"{self.store.path}: unit {unit} (images {start}..{stop - 1}) cannot be "
-                            f"read ({type(exc).__name__}: {str(exc)[:120]}): rerun the command that "
-                            "made the store (`archsae extract` or `archsae import`): it rewrites "
-                            "damaged units") from None
+            raise self.store.damaged(unit, exc) from None
 
     def _read_unit(self, unit: int, out: np.ndarray | None) -> np.ndarray:
         start, stop = self.store.unit_bounds(unit)
@@ -143,7 +139,7 @@ class TokenStore:
         `raw`: the stored values instead (float16 or int8: a half or a quarter of the bytes to
         move), in pinned memory when CUDA is there, for the device to `decode` and standardise.
         `part=(i, n)`: the i-th of n equal slices of each batch (data-parallel fits: the batch is
-        the global one; every process decodes the same chunks and converts only its slice)."""
+        the global one; every process decodes the same chunks and gathers only its slice)."""
         units = np.flatnonzero(self.unit_tokens)
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(units) if shuffle else units
@@ -185,10 +181,12 @@ class TokenStore:
             into = torch.empty((len(rows), self.d), dtype=buf.dtype, pin_memory=pin)
             return torch.index_select(buf, 0, rows, out=into)
 
+        def mine(rows: torch.Tensor) -> torch.Tensor:
+            """This process's slice of a batch (of row indices, or of rows)."""
+            size = len(rows) // parts
+            return rows[index * size:(index + 1) * size] if parts > 1 else rows
+
         def emit(rows: torch.Tensor) -> bool:
-            if parts > 1:
-                size = len(rows) // parts
-                rows = rows[index * size:(index + 1) * size]
             if raw:
                 x = rows.pin_memory() if pin and not rows.is_pinned() else rows
             else:
@@ -235,18 +233,18 @@ class TokenStore:
                         pending = torch.cat([pending, take(buf, order[:need])])
                         i = min(need, len(order))
                         if len(pending) == batch_size:
-                            if not emit(pending):
+                            if not emit(mine(pending)):
                                 return
                             pending = None
-                    while i + batch_size <= len(order):
-                        if not emit(take(buf, order[i:i + batch_size])):
+                    while i + batch_size <= len(order):  # only this process's rows are gathered
+                        if not emit(take(buf, mine(order[i:i + batch_size]))):
                             return
                         i += batch_size
                     if i < len(order):
                         rest = take(buf, order[i:])
                         pending = rest if pending is None else torch.cat([pending, rest])
                 if pending is not None and not drop_last:
-                    emit(pending)
+                    emit(mine(pending))
             out.put(None)
         except BaseException as exc:  # surfaced in the consumer thread
             out.put(exc)

@@ -122,6 +122,13 @@ def _attrs_for(spec: StoreSpec) -> dict:
     return {**attrs, "id": store_id(attrs)}
 
 
+def provenance_of(attrs: dict) -> dict:
+    """The attributes of a store that describe where its data came from (a StoreSpec's
+    provenance), without those the format derives (dtype, shape, id...)."""
+    derived = _attrs_for(StoreSpec(1, np.zeros(1, np.uint8), 1, 1))
+    return {k: v for k, v in attrs.items() if k not in derived}
+
+
 def pooled_dtype(dtype: str) -> str:
     """The pooled vectors are few: an int8 store keeps them in float16."""
     return "float16" if dtype == "int8" else dtype
@@ -308,6 +315,13 @@ class ActivationStore:
                     "out", f"{self.path} already holds a store with another {what} "
                     f"({identity(self.attrs, key)!r}, not {identity(wanted, key)!r}): pass another {{name}} "
                     "or delete that folder")
+
+    def damaged(self, unit: int, exc: Exception) -> UserError:
+        """The one error for a unit whose chunks fail to read (damaged since written)."""
+        start, stop = self.unit_bounds(unit)
+        return UserError(f"{self.path}: unit {unit} (images {start}..{stop - 1}) cannot be read "
+                         f"({type(exc).__name__}: {str(exc)[:120]}): rerun the command that made the "
+                         "store (`archsae extract`, `import` or `convert`): it rewrites damaged units")
 
     # -- writing --------------------------------------------------------------------------
     def write_unit(self, unit: int, tokens: np.ndarray, keys, labels=None, errors=None,

@@ -26,7 +26,7 @@ def effective_rank(d: torch.Tensor) -> float:
 
 def coherence(d: torch.Tensor) -> float:
     """max over i != j of |cos(D_i, D_j)|."""
-    return summarise({}, d)[1]
+    return _gram_pass({}, d.detach().float())[2]
 
 
 class CodeTally:
@@ -79,7 +79,7 @@ class CodeTally:
         return 1.0 - float(self.sse) / sst
 
     def summary(self, atoms: torch.Tensor) -> dict:
-        return summarise({"": self}, atoms)[0][""]
+        return summarise({"": self}, atoms)[""]
 
 
 def _union(tallies: list[CodeTally]) -> CodeTally:
@@ -102,13 +102,24 @@ def _scalars(t: CodeTally) -> dict:
             "ood": float(1.0 - t.best_cos.double().mean())}
 
 
-def summarise(tallies: dict[str, CodeTally], atoms: torch.Tensor, union: str | None = None,
-              block: int = 1024) -> tuple[dict[str, dict], float]:
-    """({name: metrics} of each tally, and with `union` of all of them together (disjoint token
-    sets), coherence). The metrics that need D D^T share one pass over it in blocks of rows,
-    and the union's co-firing is summed block by block: no k x k matrix besides the tallies'
-    (the temporaries are a few block x k matrices: 130 MB each at 32,000 concepts)."""
+def summarise(tallies: dict[str, CodeTally], atoms: torch.Tensor, union: str | None = None) -> dict[str, dict]:
+    """{name: metrics} of each tally, and with `union` of all of them together (disjoint token
+    sets). The metrics that need D D^T share one blocked pass over it (`_gram_pass`)."""
     atoms = atoms.detach().float()
+    k = len(atoms)
+    neg, links, best = _gram_pass(tallies, atoms, union)
+    shared = {"stable_rank": stable_rank(atoms), "effective_rank": effective_rank(atoms), "coherence": best}
+    every = {**tallies, **({union: _union(list(tallies.values()))} if union else {})}
+    return {n: {**_scalars(every[n]), "connectivity": float(1.0 - links[n] / k ** 2),
+                "negative_interference": float(neg[n][0].sqrt()),
+                "negative_interference_cosine": float(neg[n][1].sqrt()), **shared} for n in every}
+
+
+def _gram_pass(tallies: dict[str, CodeTally], atoms: torch.Tensor, union: str | None = None,
+               block: int = 1024):
+    """(squared interferences, co-active pairs per tally and union, coherence) from D D^T in
+    blocks of rows; the union's co-firing is summed block by block: no k x k matrix besides the
+    tallies' (the temporaries are a few block x k matrices: 130 MB each at 32,000 concepts)."""
     k = len(atoms)
     norms = atoms.norm(dim=-1).clamp_min(1e-12)
     names = list(tallies) + ([union] if union else [])
@@ -132,10 +143,4 @@ def summarise(tallies: dict[str, CodeTally], atoms: torch.Tensor, union: str | N
                 part = torch.relu(-cofire[n] * pair)
                 neg[n][i] += torch.sum(part.mul_(part), dtype=torch.float64)
             links[n] += (coactive[n] > 0).sum()
-    shared = {"stable_rank": stable_rank(atoms), "effective_rank": effective_rank(atoms),
-              "coherence": float(best)}
-    every = {**tallies, **({union: _union(list(tallies.values()))} if union else {})}
-    out = {n: {**_scalars(every[n]), "connectivity": float(1.0 - links[n] / k ** 2),
-               "negative_interference": float(neg[n][0].sqrt()),
-               "negative_interference_cosine": float(neg[n][1].sqrt()), **shared} for n in names}
-    return out, float(best)
+    return neg, links, float(best)

@@ -47,7 +47,7 @@ def evaluate_model(opened, predict, atoms: torch.Tensor, standardise: Callable, 
                 tallies[tokens].update(x, x_hat, z)
             row += len(x)
             bar.update(len(x))
-    results, _ = summarise(tallies, atoms, union="all" if kinds else None)
+    results = summarise(tallies, atoms, union="all" if kinds else None)
     return {key: results[key] for key in (["all"] if kinds else []) + list(tallies)}
 
 

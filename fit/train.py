@@ -192,7 +192,8 @@ def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = F
         if ranks.main:  # the centroids are computed once; the others then find them
             sae = with_centroids(store_path, sae, cfg, centroids, progress)
         ranks.barrier()
-        sae = with_centroids(store_path, sae, cfg, centroids, progress and ranks.main)
+        if not ranks.main:
+            sae = with_centroids(store_path, sae, cfg, centroids, progress=False)
         Trainer(store_path, fitdir, sae, cfg, progress, ranks).run()
         return
     old = read_config(fitdir)
