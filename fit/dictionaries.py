@@ -96,7 +96,7 @@ class ArchetypalDictionary(nn.Module):
             return
         if hull:
             self.W.copy_(PROJECTIONS[self.projection](self.W))
-            self._forget_fused()
+            self._hull = None
         self.relax.copy_(clip_row_norms(self.relax, self.delta))
         self._fused = None
 
