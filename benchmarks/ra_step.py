@@ -6,7 +6,10 @@ At d=768, 3,840 concepts, 32,000 centroids (top-k = concepts / 10 for both), bat
              relu + renormalise, the reference's algorithm) vs TopK x free dictionary, one
              `TrainingStep` each (forward, loss, backward, clip, Adam, projection), at the
              default `w_every` and at others (W updated every m steps: timed over whole
-             windows of m steps);
+             windows of m steps), at the working learning rate (no warm-up of it) after
+             `WARM_STEPS` steps: from its identity start W's rows first spread over about a
+             thousand centroids, then settle to the few hundred a fit keeps (the exact
+             projection's cost follows them);
   reference: overcomplete 0.3.0's RATopKSAE vs TopKSAE, one step of its own `train_sae` loop
              body (zero_grad, forward, criterion(x, x_hat, z_pre, z, model.get_dictionary()),
              backward, clip, Adam) with a plain MSE criterion, as ours has no AuxK term while no
@@ -30,15 +33,19 @@ from benchmarks.common import result, run_reference
 
 BATCHES = (4096, 1024)
 W_EVERY = (1, 4, 8)  # W updated every m steps: the cost side of docs/fit.md's table
+WARM_STEPS = 8  # before timing: allocations, Adam state, W's support past its first spread
+MIN_SECONDS = 3.0  # steps of a fraction of a second are timed over more runs than `steps`
 
 
 def timed(step, x, steps: int, window: int = 1) -> float:
-    """Seconds per step: the median over `steps` runs of a whole window of `window` steps
-    (the steps between W's updates), after a warm-up window (allocations, Adam state)."""
-    for _ in range(window):
+    """Seconds per step: the median over at least `steps` runs (and `MIN_SECONDS`) of a whole
+    window of `window` steps (the steps between W's updates), after whole windows of at least
+    `WARM_STEPS` steps."""
+    for _ in range(math.ceil(WARM_STEPS / window) * window):
         step(x)
     times = []
-    for _ in range(steps):
+    start = time.perf_counter()
+    while len(times) < steps or time.perf_counter() - start < MIN_SECONDS:
         t = time.perf_counter()
         for _ in range(window):
             step(x)
@@ -61,7 +68,7 @@ def ours(args) -> dict:
         x = torch.randn(batch, args.d, generator=g)
         for name, sae, extra, w_every in variants:
             settings = sae_settings(sae, args.d, args.concepts, **extra)
-            cfg = FitSettings(batch_size=batch, w_every=w_every)
+            cfg = FitSettings(batch_size=batch, w_every=w_every, warmup=0.0)
             learner = TrainingStep(settings, cfg, points if sae == "ra" else None, 10**6,
                                    torch.device("cpu"))
             out[f"{name}_{batch}"] = timed(learner, x, math.ceil(args.steps / w_every), w_every)
@@ -110,7 +117,8 @@ def main() -> None:
     ref = run_reference("benchmarks.ra_step", sys.argv[1:])
     our = ours(args)
     print(f"d={args.d}, {args.concepts} concepts, {args.centroids} centroids, torch threads "
-          f"{torch.get_num_threads()}; seconds per step (median of {args.steps}):")
+          f"{torch.get_num_threads()}; seconds per step (median of at least {args.steps} runs "
+          f"and {MIN_SECONDS:.0f} s):")
     for b in BATCHES:
         print(f"  batch {b:5d}  ours       RA-SAE {our[f'ra_{b}']:.3f} (exact projection), "
               f"{our[f'ra_paper_{b}']:.3f} (paper's projection)  TopK {our[f'topk_{b}']:.3f}  "

@@ -11,11 +11,24 @@ constraint map applied after every optimiser step.
   collected: k x d numbers instead of W's k x n'.)
 """
 
+import warnings
+
 import torch
 from torch import nn
 
 from archsae.errors import UserError
 from archsae.fit.projections import PROJECTIONS, clip_row_norms, unit_rows
+
+
+def hull_points(w: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """W C. On CPU, from W's nonzeros alone when it is as sparse as the exact projection leaves
+    it (a few hundred of 32,000 centroids per row: 0.3 s instead of 0.6 s for 3,840 atoms of
+    d 768, conversion included). On a GPU, counting them would make the host wait."""
+    if w.device.type == "cpu" and int(torch.count_nonzero(w)) * 16 <= w.numel():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            return w.to_sparse_csr() @ points
+    return w @ points
 
 
 class FreeDictionary(nn.Module):
@@ -61,7 +74,7 @@ class ArchetypalDictionary(nn.Module):
         """W C as a leaf whose .grad is this step's dL/d(W C)."""
         if self._hull is None or self._hull.device != self.W.device:
             with torch.no_grad():
-                self._hull = (self.W @ self.points).requires_grad_()
+                self._hull = hull_points(self.W, self.points).requires_grad_()
         return self._hull
 
     def weight(self) -> torch.Tensor:
@@ -70,7 +83,8 @@ class ArchetypalDictionary(nn.Module):
             return (self.hull() + self.relax) * self.log_multiplier.exp()
         if self._fused is None or self._fused.device != self.W.device:
             with torch.no_grad():
-                self._fused = (self.W @ self.points + self.relax) * self.log_multiplier.exp()
+                hull = hull_points(self.W, self.points)
+                self._fused = (hull + self.relax) * self.log_multiplier.exp()
         return self._fused
 
     @torch.no_grad()
@@ -95,7 +109,7 @@ class ArchetypalDictionary(nn.Module):
         if not self.project:  # the "projection off" control of the stability study
             return
         if hull:
-            self.W.copy_(PROJECTIONS[self.projection](self.W))
+            PROJECTIONS[self.projection](self.W)
             self._hull = None
         self.relax.copy_(clip_row_norms(self.relax, self.delta))
         self._fused = None

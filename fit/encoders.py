@@ -22,6 +22,20 @@ class Codes(NamedTuple):
     indices: torch.Tensor | None = None  # (B, top_k) when each row has exactly top_k entries
     values: torch.Tensor | None = None
 
+    # From the top-k lists when there are some: a tenth of the reads of the dense codes.
+    def l0(self) -> torch.Tensor:
+        """Mean number of nonzero codes per token."""
+        active = self.dense if self.values is None else self.values
+        return (active > 0).sum(-1, dtype=torch.float32).mean()
+
+    def fired(self) -> torch.Tensor:
+        """(k,) bool: the codes nonzero on at least one token."""
+        if self.indices is None:
+            return (self.dense > 0).any(0)
+        hit = torch.zeros(self.dense.shape[-1], dtype=torch.uint8, device=self.dense.device)
+        positive = (self.values > 0).flatten().to(torch.uint8)
+        return hit.scatter_reduce_(0, self.indices.flatten(), positive, "amax").bool()
+
 
 class TopK(nn.Module):
     penalised = False

@@ -58,7 +58,9 @@ class SparseAutoencoder(nn.Module):
         return (x - self.input_mean) / self.input_std
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        return self.enc(x - self.pre_bias)
+        """enc(x - pre_bias), written as x E^T + (b - E pre_bias): the same numbers, but the
+        pre-bias's gradient is then a product with a vector, not a (B x k) x (k x d) one."""
+        return F.linear(x, self.enc.weight, self.enc.bias - self.enc.weight @ self.pre_bias)
 
     def encode(self, x: torch.Tensor) -> Codes:
         return self.encoder(self.pre_activations(x))

@@ -86,7 +86,7 @@ class TrainingStep:
             err = (x_hat.float() - x)
             mse = err.pow(2).sum(-1).mean() / s.d  # 1 - R^2 for standardised data, roughly
             loss = mse
-            l0 = (codes.dense > 0).float().sum(-1).mean()
+            l0 = codes.l0()
             if model.encoder.penalised:
                 penalty = model.encoder.penalty(pre, codes, atoms.norm(dim=-1)) / s.top_k
                 loss = loss + self.penalty_coef.float() * penalty
@@ -113,7 +113,7 @@ class TrainingStep:
         if update_w:
             self.hull_steps = 0
         with torch.no_grad():
-            fired = (codes.dense > 0).any(0)
+            fired = codes.fired()
             if self.ranks.world > 1:  # fired anywhere in the global batch
                 fired = fired.to(torch.uint8)
                 torch.distributed.all_reduce(fired, torch.distributed.ReduceOp.MAX)

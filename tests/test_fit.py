@@ -16,8 +16,9 @@ from scipy.optimize import linprog
 from archsae.cache import TokenStore
 from archsae.evaluate.run import evaluate_fit
 from archsae.fit import load
-from archsae.fit.dictionaries import ArchetypalDictionary
-from archsae.fit.projections import (_simplex_threshold, clip_row_norms, project_rows_to_simplex,
+from archsae.fit.dictionaries import ArchetypalDictionary, hull_points
+from archsae.fit.encoders import Codes, TopK
+from archsae.fit.projections import (_threshold_of_sorted, clip_row_norms, project_rows_to_simplex_,
                                     refine_threshold, relu_renormalise_rows)
 from archsae.fit import SAESettings, sae_settings
 from archsae.fit.step import TrainingStep
@@ -38,18 +39,22 @@ def small(sae, **kw):
 FAST = dict(epochs=2, batch_size=128, lr=2e-3, log_every=1, checkpoint_every=1000)
 
 
+def projected(w, **kw):
+    return project_rows_to_simplex_(w.clone(), **kw)
+
+
 def test_exact_simplex_projection_golden_cases():
     w = torch.tensor([[2.0, 0.0, 0.0], [0.6, 0.6, 0.0], [1.0, 0.5, -1.0], [0.2, 0.3, 0.5]])
     expected = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.75, 0.25, 0.0], [0.2, 0.3, 0.5]])
-    torch.testing.assert_close(project_rows_to_simplex(w), expected)
+    torch.testing.assert_close(projected(w), expected)
 
 
 def test_exact_simplex_projection_is_the_nearest_point():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(50, 7, generator=g, dtype=torch.float64) * 2
-    p = project_rows_to_simplex(w)
+    p = projected(w)
     assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(50, dtype=torch.float64))
-    torch.testing.assert_close(project_rows_to_simplex(p), p)  # idempotent
+    torch.testing.assert_close(projected(p), p)  # idempotent
     others = torch.distributions.Dirichlet(torch.ones(7, dtype=torch.float64)).sample((50, 200))
     assert ((w[:, None] - others).norm(dim=-1) >= (w - p).norm(dim=-1)[:, None] - 1e-12).all()
 
@@ -58,10 +63,32 @@ def test_candidate_shortcut_equals_the_full_sort():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(40, 1000, generator=g, dtype=torch.float64) * 0.01
     w[:20, :3] += 1.0  # sparse rows: support inside the candidates
-    full = project_rows_to_simplex(w, candidates=10**6)
-    fast = project_rows_to_simplex(w, candidates=16)  # the dense rows take the fallback
+    full = projected(w, candidates=10**6)
+    fast = projected(w, candidates=16)  # the dense rows take the fallback
     torch.testing.assert_close(fast, full)
     assert (fast[:20] > 0).sum(-1).max() <= 3 and (fast[20:] > 0).sum(-1).min() > 16
+
+
+def test_threshold_from_the_entries_above_a_bound_equals_the_full_sort():
+    """Rows of the width real fits reach (hundreds of 5,000 in the support), exact ties at the
+    threshold, spikes and all-equal rows: sorting only the entries above the candidates' bound
+    gives the full sort's projection, in float32 as trained."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(64, 5000, generator=g) * 1e-5
+    w[:16, :3] += 1.0  # narrow: support inside the candidates
+    w[16:40, :300] += 2e-3 + torch.rand(24, 300, generator=g) * 4e-3  # wide: a few hundred
+    w[40:56, :400] = 3e-3  # ties: 400 equal entries in the support, tau = 5e-4
+    w[40:56, 400:800] = 5e-4  # and 400 equal ones at the threshold itself
+    w[56:] = 0.25  # all equal: every entry in the support (the whole-row sort)
+    full = projected(w, candidates=10**6)
+    fast = projected(w, candidates=16)
+    torch.testing.assert_close(fast, full, atol=1e-7, rtol=0)
+    sizes = (fast > 0).sum(-1)
+    assert sizes[:16].max() <= 3 and 16 < sizes[16:40].min() and sizes[16:40].max() <= 300
+    assert (sizes[40:56] == 400).all() and (sizes[56:] == 5000).all()
+    torch.testing.assert_close(fast.sum(-1), torch.ones(64), atol=1e-4, rtol=0)  # float32 sums
+    wide_only = projected(w[16:56], candidates=16)  # no whole-row sort needed
+    torch.testing.assert_close(wide_only, full[16:56], atol=1e-7, rtol=0)
 
 
 def test_threshold_refined_without_host_round_trips_is_exact():
@@ -70,10 +97,30 @@ def test_threshold_refined_without_host_round_trips_is_exact():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(32, 4000, generator=g, dtype=torch.float64) * 0.01
     w[:16, :5] += 1.0
-    tau, _ = _simplex_threshold(w.topk(16, dim=-1).values)
+    tau, _ = _threshold_of_sorted(w.topk(16, dim=-1).values)
     refined = (w - refine_threshold(w, tau)).clamp(min=0)
-    torch.testing.assert_close(refined, project_rows_to_simplex(w))
+    torch.testing.assert_close(refined, projected(w))
     assert (refined[16:] > 0).sum(-1).min() > 100
+
+
+def test_hull_from_sparse_rows_equals_the_dense_product():
+    g = torch.Generator().manual_seed(4)
+    points = torch.randn(2048, 32, generator=g)
+    w = projected(torch.randn(64, 2048, generator=g) * 0.05)  # a few per row
+    assert torch.count_nonzero(w) * 16 <= w.numel()  # the sparse path
+    torch.testing.assert_close(hull_points(w, points), w @ points)
+    dense = torch.full((64, 2048), 1 / 2048)  # the dense path
+    torch.testing.assert_close(hull_points(dense, points), dense @ points)
+
+
+def test_l0_and_fired_codes_from_the_top_k_lists_equal_the_dense_counts():
+    g = torch.Generator().manual_seed(5)
+    pre = torch.randn(64, 200, generator=g) - 1.5  # some of the top-k are <= 0: not active
+    pre[:, 150:] = -9.0  # codes that never fire
+    sparse = TopK(200, 40)(pre)
+    dense = Codes(sparse.dense)
+    assert 0 < sparse.l0() < 40 and sparse.l0() == dense.l0()
+    assert torch.equal(sparse.fired(), dense.fired()) and not sparse.fired()[150:].any()
 
 
 def test_paper_projection_and_norm_clip():
