@@ -5,8 +5,9 @@ images, 180k training tokens, d = 1,280), at 1,024 concepts, top-k 32 and 2,048 
 the demo's dictionaries: the store supports them, and at 512 concepts RA-SAE trails TopK by about
 2 points of R^2, docs/fit.md), 3 epochs, in a temporary folder:
 - the stability study users run (`archsae stability-study`): RA-SAE and A-SAE with TopK (random
-  init), TopK started at the centroids and RA-SAE without projection, 2 seeds; then RA-SAE and
-  the centroid-bound controls across centroid sets of different K-means seeds;
+  init), TopK started at the centroids and RA-SAE without projection, 2 seeds; TopK and its
+  centroid control again with the reference's encoder init (`--encoder-init random`); then
+  RA-SAE and the centroid-bound controls across centroid sets of different K-means seeds;
 - the reference library's TopKSAE (overcomplete 0.3.0, its own `train_sae` loop, Adam 5e-4 as in
   its examples) on the same standardised train tokens in the same batches, scored on the same
   held-out tokens by the same metric code;
@@ -82,7 +83,8 @@ def reference(args) -> dict:
 
 
 def studies(args, work: Path) -> tuple[dict, dict]:
-    """The seed study (RA, A and controls) and the centroid-set study (RA and its centroid-bound
+    """The seed study (RA, A and controls; then TopK and its centroid control with the
+    reference's random encoder init) and the centroid-set study (RA and its centroid-bound
     controls), as users run them."""
     from archsae.pipelines import run_stability_study
 
@@ -91,6 +93,9 @@ def studies(args, work: Path) -> tuple[dict, dict]:
     kmeans = CentroidSettings(n_centroids=args.n_centroids, sample=args.sample, niter=args.niter)
     seeds = run_stability_study(args.store, work / "seeds", ["ra", "a"], cfg, kmeans, args.seeds,
                                 "seed", progress=False, **sizes)
+    seeds["variants"] |= run_stability_study(args.store, work / "random-encoder", ["topk"], cfg, kmeans,
+                                             args.seeds, "seed", progress=False, encoder_init="random",
+                                             **sizes)["variants"]
     sets = run_stability_study(args.store, work / "centroids", ["ra"], cfg, kmeans, args.seeds,
                                "centroids", progress=False, **sizes)
     return seeds["variants"], sets["variants"]
@@ -123,19 +128,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="archsae-real-") as work:
         seeds, sets = studies(args, Path(work))
     r2 = {name: statistics.mean(v["heldout_r2"]) for name, v in seeds.items()}
-    print(f"{'variant':22s} {'R^2':>7s} {'dead':>6s} {'stab. seeds':>12s} {'stab. centroid sets':>20s}")
+    w = max(map(len, seeds))
+    print(f"{'variant':{w}s} {'R^2':>7s} {'dead':>6s} {'stab. seeds':>12s} {'stab. centroid sets':>20s}")
     for name, v in seeds.items():
         across = sets.get(name, {}).get("mean")
-        print(f"{name:22s} {r2[name]:7.4f} {v['first_run']['metrics']['all']['dead']:6.3f} "
+        print(f"{name:{w}s} {r2[name]:7.4f} {v['first_run']['metrics']['all']['dead']:6.3f} "
               f"{v['mean']:12.4f} {'-' if across is None else f'{across:.4f}':>20s}")
-    print(f"{'reference TopKSAE':22s} {ref['r2']:7.4f} {ref['dead']:6.3f}")
+    print(f"{'reference TopKSAE':{w}s} {ref['r2']:7.4f} {ref['dead']:6.3f}")
     print(f"TopK, random init: stability across seeds {seeds['topk']['mean']:.4f}")
     result("real_ra_r2_minus_topk_r2", r2["ra"] - r2["topk"], ">=", -0.01)
     result("real_ra_minus_a_r2", r2["ra"] - r2["a"], ">=", 0)
     result("real_dead_ra", seeds["ra"]["first_run"]["metrics"]["all"]["dead"], "<=", 0.05)
     result("real_topk_r2_minus_reference_topk_r2", r2["topk"] - ref["r2"], ">=", 0)
-    for name, v in seeds.items():  # each variant against TopK, random init
-        if name == "topk":
+    result("real_topk_random_encoder_r2_minus_reference_topk_r2", r2["topk-random-encoder"] - ref["r2"], ">=", 0)
+    for name, v in seeds.items():  # each variant against TopK, random init (either encoder init)
+        if name in ("topk", "topk-random-encoder"):
             continue
         result(f"real_stability_seeds_{name.replace('-', '_')}", v["mean"], ">", round(seeds["topk"]["mean"], 3))
     for name, v in sets.items():

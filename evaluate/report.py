@@ -33,7 +33,8 @@ def _read(path):
 
 def _describe(name: str) -> str:
     """A reader's label for an SAE name (`SAESettings.name`): what it is, and which control."""
-    for suffix, note in (("-no-projection", "control: {} with the projection off"),
+    for suffix, note in (("-random-encoder", "{}, encoder drawn at random (the reference's init)"),
+                         ("-no-projection", "control: {} with the projection off"),
                          ("-centroid-init", "control: {}, decoder started at the centroids")):
         if name.endswith(suffix):
             return note.format(_describe(name[: -len(suffix)]))

@@ -42,16 +42,21 @@ class SparseAutoencoder(nn.Module):
             self.dictionary = FreeDictionary(s.concepts, s.d, init, generator)
         self.encoder = ENCODERS[s.encoder](s.concepts, s.top_k)
         self.pre_bias = nn.Parameter(torch.zeros(s.d))
-        self.enc = nn.utils.skip_init(nn.Linear, s.d, s.concepts)  # set from the atoms below
-        with torch.no_grad():  # z_i = <x, D_i / |D_i|> / mean |D|: top-k picks by alignment
-            atoms = self.dictionary.weight()
-            norms = atoms.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            # Free atoms started at centroids are each aligned with a token: k of them rebuild
-            # it about k times over (R^2 -36 at init on real features, still < 0 after 100
-            # steps), so their codes start at 1/k (docs/fit.md).
-            overshoot = s.top_k if s.dictionary == "free" and s.decoder_init == "centroids" else 1
-            self.enc.weight.copy_(atoms / norms / norms.mean() / overshoot)
-            self.enc.bias.zero_()
+        self.enc = nn.utils.skip_init(nn.Linear, s.d, s.concepts)  # set below
+        with torch.no_grad():
+            if s.encoder_init == "random":  # nn.Linear's draw: U(-1/sqrt(d), 1/sqrt(d))
+                bound = s.d ** -0.5
+                self.enc.weight.uniform_(-bound, bound, generator=generator)
+                self.enc.bias.uniform_(-bound, bound, generator=generator)
+            else:  # tied: z_i = <x, D_i / |D_i|> / mean |D|: top-k picks by alignment
+                atoms = self.dictionary.weight()
+                norms = atoms.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                # Free atoms started at centroids are each aligned with a token: k of them
+                # rebuild it about k times over (R^2 -36 at init on real features, still < 0
+                # after 100 steps), so their codes start at 1/k (docs/fit.md).
+                overshoot = s.top_k if s.dictionary == "free" and s.decoder_init == "centroids" else 1
+                self.enc.weight.copy_(atoms / norms / norms.mean() / overshoot)
+                self.enc.bias.zero_()
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations -> the standardised space the model works in."""

@@ -18,6 +18,7 @@ from archsae.fit.projections import PROJECTIONS
 
 DICTIONARIES = ("free", "archetypal")
 DECODER_INITS = ("random", "centroids")
+ENCODER_INITS = ("tied", "random")
 TOKEN_CHOICES = ("all",) + TOKEN_KINDS
 PAPER_CENTROIDS = 32000  # K-means centroids per backbone in the paper
 DEFAULT_NITER = 20  # K-means iterations
@@ -130,6 +131,9 @@ class SAESettings(Settings):
     multiplier: bool = setting(False, "Learnable scale exp(m) of D (reference library).")
     decoder_init: str = setting("random", "Free dictionaries: control that starts atom i at centroid i.",
                                 choices=DECODER_INITS)
+    encoder_init: str = setting("tied", "Encoder rows at the start: the atoms' directions (tied), or drawn as "
+                                        "nn.Linear draws them (random, the reference's TopKSAE).",
+                                choices=ENCODER_INITS)
     centroids: str | None = setting(None, "Name of an existing centroid set in the store [computed].")
 
     def __post_init__(self):
@@ -148,8 +152,10 @@ class SAESettings(Settings):
         if self.dictionary == "archetypal":
             name = "ra" if self.delta > 0 else "a"
             name += "" if self.encoder == "topk" else f"-{self.encoder}"
-            return name + ("" if self.project else "-no-projection")
-        return self.encoder + ("-centroid-init" if self.decoder_init == "centroids" else "")
+            name += "" if self.project else "-no-projection"
+        else:
+            name = self.encoder + ("-centroid-init" if self.decoder_init == "centroids" else "")
+        return name + ("-random-encoder" if self.encoder_init == "random" else "")
 
     @property
     def needs_centroids(self) -> bool:

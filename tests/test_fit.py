@@ -332,6 +332,29 @@ def test_topk_started_at_centroids_does_not_overshoot_at_init():
     assert r2 > 0
 
 
+@pytest.mark.parametrize("sae", ["ra", "topk"])
+def test_encoder_init_is_tied_to_the_atoms_or_drawn_from_the_fit_seed(sae):
+    """tied: rows along the atoms, of norm 1 / their mean norm, no bias; random: nn.Linear's uniform draw,
+    the same for the same seed."""
+    from archsae.fit.sae import SparseAutoencoder
+
+    points = torch.randn(80, 16, generator=torch.Generator().manual_seed(1))
+    tied = SparseAutoencoder(sae_settings(sae, 16, 40, 4), points, torch.Generator().manual_seed(0))
+    atoms = tied.dictionary.weight().detach()
+    cosines = torch.nn.functional.cosine_similarity(tied.enc.weight, atoms, dim=-1)
+    assert torch.allclose(cosines, torch.ones(40)) and not tied.enc.bias.any()
+    norms = tied.enc.weight.norm(dim=-1)
+    assert torch.allclose(norms, 1 / atoms.norm(dim=-1).mean().expand(40))
+    random = [SparseAutoencoder(sae_settings(sae, 16, 40, 4, encoder_init="random"), points,
+                                torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
+    bound = 16 ** -0.5
+    for p in (random[0].enc.weight, random[0].enc.bias):
+        assert p.abs().max() <= bound and p.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.2)
+    assert torch.equal(random[0].enc.weight, random[1].enc.weight)
+    assert not torch.equal(random[0].enc.weight, random[2].enc.weight)
+    assert torch.nn.functional.cosine_similarity(random[0].enc.weight, atoms, dim=-1).abs().mean() < 0.5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sae", ["ra", "topk"])
 def test_torchrun_two_ranks_fit_the_model_of_one_process(store, tmp_path, sae):
