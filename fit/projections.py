@@ -53,12 +53,14 @@ def _threshold_above(w: torch.Tensor, bound: torch.Tensor, passes: int = 4) -> t
     sorting whole rows took 5-6 s. Where over a quarter stay kept, rows are sorted whole.
     """
     above = w > bound
+    kept = int(torch.count_nonzero(above))
     for _ in range(passes):
-        if int(torch.count_nonzero(above)) <= above.numel() // 8:
+        if kept <= above.numel() // 8:
             break
         bound = refine_threshold(w, bound, passes=1)
         above = w > bound
-    if int(torch.count_nonzero(above)) > above.numel() // 4:
+        kept = int(torch.count_nonzero(above))
+    if kept > above.numel() // 4:
         return _threshold_of_sorted(torch.sort(w, dim=-1, descending=True).values)[0]
     rows, cols = above.nonzero(as_tuple=True)  # row-major: each row's entries are contiguous
     counts = torch.bincount(rows, minlength=w.shape[0])  # faster than counting along rows
