@@ -65,6 +65,8 @@ class TrainingStep:
                 groups[group]["params"].append(p)
         groups = [{**g, "name": n} for n, g in groups.items() if g["params"]]
         self.base_lrs = [g["lr"] for g in groups]
+        # W moves far on its first steps and settles on its own decay (docs/fit.md)
+        self.final_lrs = [cfg.dictionary_final_lr if g["name"] == "W" else cfg.final_lr for g in groups]
         # fused: one kernel for all parameters (12x faster than the default on CPU for W)
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8,
                                           fused=device.type in ("cpu", "cuda"))
@@ -76,8 +78,8 @@ class TrainingStep:
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimiser step on a batch of standardised tokens; returns its metrics (tensors)."""
         s, cfg, model = self.sae, self.cfg, self.model
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * lr_factor(self.step, self.total_steps, cfg.warmup, cfg.final_lr)
+        for group, base, final in zip(self.optimizer.param_groups, self.base_lrs, self.final_lrs):
+            group["lr"] = base * lr_factor(self.step, self.total_steps, cfg.warmup, final)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             atoms = model.dictionary.weight()
             pre = model.pre_activations(x)
