@@ -24,6 +24,11 @@ class Ranks:
         if self.distributed:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Leave the process group: a process that exits without it can abort on its peer's exit."""
+        if self.distributed:
+            torch.distributed.destroy_process_group()
+
     def device(self, device: torch.device) -> torch.device:
         """Under torchrun each process takes the GPU of its local rank."""
         if self.distributed and device.type == "cuda":

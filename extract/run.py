@@ -102,7 +102,7 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
                 problem = [str(exc)]
         torch.distributed.broadcast_object_list(problem, src=0)
         if problem[0] is not None:
-            torch.distributed.destroy_process_group()
+            ranks.close()
             raise UserError(problem[0])
     else:
         _check_disk(out, spec, itemsize)
@@ -118,8 +118,7 @@ def extract(model: str, data: str, out, weights: str = "pretrained", limit: int 
     _run_units(store, source, backbone, todo, batch_size, on_error, workers, device,
                PRECISIONS[precision], progress, ranks)
     ranks.barrier()
-    if ranks.distributed:
-        torch.distributed.destroy_process_group()
+    ranks.close()
     return store
 
 

@@ -186,31 +186,34 @@ def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = F
     _check_output(fitdir)
     resolve_device(cfg.device)  # refuse a device this machine lacks before any work
     ranks = resolve_ranks()  # under torchrun: one process per part of each batch
-    new = not (fitdir / "config.json").exists()
-    ranks.barrier()  # every process has looked before the first one writes
-    if new:
-        if ranks.main:  # the centroids are computed once; the others then find them
-            sae = with_centroids(store_path, sae, cfg, centroids, progress)
-        ranks.barrier()
-        if not ranks.main:
-            sae = with_centroids(store_path, sae, cfg, centroids, progress=False)
-        Trainer(store_path, fitdir, sae, cfg, progress, ranks).run()
-        return
-    old = read_config(fitdir)
-    check_store(fitdir, old, store)
-    old_sae, old_cfg = fit_settings(old)
-    differ = (_differences(old_sae, sae, ignore=() if sae.centroids else ("centroids",))
-              + _differences(old_cfg, cfg, ignore=("device",)))
-    if differ:
-        raise UserError(f"{fitdir} holds a fit with other settings ({'; '.join(differ)}): "
-                        "continue it with its own settings, or write to another folder")
-    if old.get("finished"):
-        if not resume:
-            raise UserError(f"{fitdir} already holds a finished fit: write to another folder")
-        return
-    trainer = Trainer(store_path, fitdir, old_sae, replace(old_cfg, device=cfg.device), progress, ranks)
-    trainer.resume()
-    trainer.run()
+    try:
+        new = not (fitdir / "config.json").exists()
+        ranks.barrier()  # every process has looked before the first one writes
+        if new:
+            if ranks.main:  # the centroids are computed once; the others then find them
+                sae = with_centroids(store_path, sae, cfg, centroids, progress)
+            ranks.barrier()
+            if not ranks.main:
+                sae = with_centroids(store_path, sae, cfg, centroids, progress=False)
+            Trainer(store_path, fitdir, sae, cfg, progress, ranks).run()
+            return
+        old = read_config(fitdir)
+        check_store(fitdir, old, store)
+        old_sae, old_cfg = fit_settings(old)
+        differ = (_differences(old_sae, sae, ignore=() if sae.centroids else ("centroids",))
+                  + _differences(old_cfg, cfg, ignore=("device",)))
+        if differ:
+            raise UserError(f"{fitdir} holds a fit with other settings ({'; '.join(differ)}): "
+                            "continue it with its own settings, or write to another folder")
+        if old.get("finished"):
+            if not resume:
+                raise UserError(f"{fitdir} already holds a finished fit: write to another folder")
+            return
+        trainer = Trainer(store_path, fitdir, old_sae, replace(old_cfg, device=cfg.device), progress, ranks)
+        trainer.resume()
+        trainer.run()
+    finally:
+        ranks.close()
 
 
 def resumed_settings(fitdir, sae_values: dict, fit_values: dict) -> tuple[SAESettings, FitSettings]:
