@@ -36,6 +36,15 @@ def cli_process(*args: str, env: dict | None = None) -> subprocess.Popen:
     return proc
 
 
+def torchrun(*args, tmp: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 -m archsae ARGS`; its scratch folders go to
+    `tmp` (a test's tmp_path), not the system's temporary folder."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "archsae", *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def output(proc: subprocess.Popen) -> str:
     proc.log.seek(0)
     return proc.log.read()

@@ -19,7 +19,7 @@ from archsae.cache.store import store_id
 from archsae.extract.demo_data import write_demo_shards
 from archsae.extract.presets import PRESETS, build_backbone
 from archsae.extract.sources import open_source
-from conftest import TINY, cli, cli_process, output, info_json, listing
+from conftest import TINY, cli, cli_process, output, info_json, listing, torchrun
 
 PRESET_LAYOUTS = {  # preset: (tokens per kind, d, patch grid)
     "dinov2": ({"cls": 1, "register": 4, "patch": 256}, 768, [16, 16]),
@@ -199,10 +199,7 @@ def test_two_processes_by_rank_equal_one(reference_store, tmp_path):
 def test_torchrun_two_ranks_equal_one(reference_store, tmp_path):
     data, ref = reference_store
     out = tmp_path / "s"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "archsae", *map(str, _extract_args(data, out))],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    proc = torchrun(*_extract_args(data, out), tmp=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     _assert_same_store(open_store(out), ref)
 
@@ -337,11 +334,8 @@ def test_torchrun_refusal_reaches_every_rank(demo_shards, tmp_path):
     out = tmp_path / "s"
     assert cli("extract", "--model", TINY, "--data", demo_shards, "--weights", "random",
                "--limit", 4, "--out", out, "--workers", 0).exit_code == 0
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "archsae", "extract", "--model", TINY, "--data", demo_shards, "--weights", "random",
-         "--limit", "6", "--out", str(out), "--workers", "0"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    proc = torchrun("extract", "--model", TINY, "--data", demo_shards, "--weights", "random",
+                    "--limit", "6", "--out", out, "--workers", "0", tmp=tmp_path)
     assert proc.returncode != 0
     assert (proc.stdout + proc.stderr).count("already holds a store with another data") >= 2
 

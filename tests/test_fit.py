@@ -24,7 +24,7 @@ from archsae.fit import SAESettings, sae_settings
 from archsae.fit.step import TrainingStep
 from archsae.fit import FitSettings, fit
 from archsae.fit.train import Trainer
-from conftest import cli, cli_process, output
+from conftest import cli, cli_process, output, torchrun
 
 
 @pytest.fixture
@@ -368,9 +368,7 @@ def test_torchrun_two_ranks_fit_the_model_of_one_process(store, tmp_path, sae):
     one = subprocess.run([sys.executable, "-m", "archsae", *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stdout + one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "archsae", *args, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = torchrun(*args, "--out", tmp_path / "two", tmp=tmp_path, timeout=300)
     assert two.returncode == 0, two.stdout + two.stderr
     assert two.stdout.count("held-out R^2") == 1, "rank 0 alone reports"
     assert json.loads((tmp_path / "two" / "config.json").read_text())["processes"] == 2
