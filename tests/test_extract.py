@@ -1,10 +1,7 @@
 """Extraction: presets' token layouts, values, resume after SIGKILL, multi-process, bad input."""
 
 import io
-import os
 import signal
-import subprocess
-import sys
 import tarfile
 import time
 
