@@ -21,7 +21,7 @@ from archsae.fit.encoders import Codes, TopK
 from archsae.fit.projections import (_threshold_of_sorted, clip_row_norms, project_rows_to_simplex_,
                                     refine_threshold, relu_renormalise_rows)
 from archsae.fit import SAESettings, sae_settings
-from archsae.fit.step import TrainingStep
+from archsae.fit.step import TrainingStep, lr_factor
 from archsae.fit import FitSettings, fit
 from archsae.fit.train import Trainer
 from conftest import cli, cli_process, output, torchrun
@@ -207,6 +207,22 @@ def test_w_every_updates_w_only_at_the_end_of_each_window(store):
         learner(x)
         changed.append(not torch.equal(before, learner.model.dictionary.W))
     assert changed == [False, False, True, False, False, True]
+
+
+def test_w_rate_decays_on_its_own_while_the_others_keep_theirs(store):
+    """W: dictionary_lr decayed to dictionary_final_lr x it; encoder and Lambda: final_lr."""
+    points = torch.from_numpy(TokenStore(store).sample(64)).float()
+    cfg = FitSettings(dictionary_lr=1e-2, dictionary_final_lr=0.25, warmup=0.0)
+    learner = TrainingStep(sae_settings("ra", 64, concepts=32, top_k=4), cfg, points, 5, torch.device("cpu"))
+    x = torch.from_numpy(TokenStore(store).sample(128, seed=1)).float()
+    w_rates = []
+    for _ in range(5):
+        learner(x)
+        lrs = {g["name"]: g["lr"] for g in learner.optimizer.param_groups}
+        w_rates.append(lrs["W"])
+        assert lrs["relax"] == pytest.approx(1e-2) and lrs["model"] == pytest.approx(cfg.lr)
+    assert w_rates == sorted(w_rates, reverse=True) and w_rates[0] > w_rates[-1]
+    assert w_rates[-1] == pytest.approx(1e-2 * lr_factor(4, 5, 0.0, 0.25)) and w_rates[-1] < 0.5e-2
 
 
 def test_no_projection_control_leaves_the_simplex(store, tmp_path):
