@@ -23,7 +23,7 @@ from archsae.paths import default_store_dir
 
 # The options of the settings, grouped by the commands that take them.
 SAE_SIZE = SettingsOptions(SAESettings, ("concepts", "top_k", "projection", "multiplier", "encoder_init",
-                                          "centroids"))
+                                          "centroids", "w_candidates"))
 SAE_KIND = SettingsOptions(SAESettings, ("encoder", "dictionary", "delta", "project", "decoder_init"))
 TRAINING = SettingsOptions(FitSettings)
 N_CENTROIDS = SettingsOptions(CentroidSettings, ("n_centroids", "sample", "niter"))

@@ -5,15 +5,12 @@ At d=768, 3,840 concepts, 32,000 centroids (top-k = concepts / 10 for both), bat
   ours:      TopK x archetypal (delta 1; our default exact simplex projection, and the paper's
              relu + renormalise, the reference's algorithm) vs TopK x free dictionary, one
              `TrainingStep` each (forward, loss, backward, clip, Adam, projection), at the
-             default `w_every` and at others (W updated every m steps: timed over whole
-             windows of m steps), at the working learning rate (no warm-up of it) after
-             `WARM_STEPS` steps: from its identity start W's rows first spread over about a
-             thousand centroids, then settle to the few hundred a fit keeps (the exact
-             projection's cost follows them);
-  reference: overcomplete 0.3.0's RATopKSAE vs TopKSAE, one step of its own `train_sae` loop
-             body (zero_grad, forward, criterion(x, x_hat, z_pre, z, model.get_dictionary()),
-             backward, clip, Adam) with a plain MSE criterion, as ours has no AuxK term while no
-             code is dead.
+             default candidate centroids per atom and at others (`w_candidates`, 0: all, a dense
+             W), timed over whole periods of the step's work (`w_refresh` updates of W, one of
+             which chooses the candidates anew from a dense gradient), at the working learning
+             rate (no warm-up of it) after `WARM_STEPS` steps: from its identity start a dense
+             W's rows first spread over about a thousand centroids, then settle to the few
+             hundred a fit keeps (the exact projection's cost follows them);
 The reference runs in a subprocess that adds `.bench/reference` (made by `make bench`:
 overcomplete with matplotlib<3.9, einops, opencv) to its path, so it never touches our venv.
 
@@ -32,16 +29,16 @@ import torch
 from benchmarks.common import result, run_reference
 
 BATCHES = (4096, 1024)
-W_EVERY = (1, 4, 8)  # W updated every m steps: the cost side of docs/fit.md's table
+CANDIDATES = (256, 512, 1024, 0)  # centroids per atom (0: all): the cost side of docs/fit.md's table
 WARM_STEPS = 8  # before timing: allocations, Adam state, W's support past its first spread
 MIN_SECONDS = 3.0  # steps of a fraction of a second are timed over more runs than `steps`
 
 
-def timed(step, x, steps: int, window: int = 1) -> float:
+def timed(step, x, steps: int, window: int = 1, align: int = 1) -> float:
     """Seconds per step: the median over at least `steps` runs (and `MIN_SECONDS`) of a whole
-    window of `window` steps (the steps between W's updates), after whole windows of at least
-    `WARM_STEPS` steps."""
-    for _ in range(math.ceil(WARM_STEPS / window) * window):
+    window of `window` steps (a period of the step's work), after at least `WARM_STEPS` steps in
+    whole multiples of `align` (W's update interval)."""
+    for _ in range(math.ceil(WARM_STEPS / align) * align):
         step(x)
     times = []
     start = time.perf_counter()
@@ -54,26 +51,35 @@ def timed(step, x, steps: int, window: int = 1) -> float:
 
 
 def ours(args) -> dict:
-    from archsae.fit import FitSettings, sae_settings
+    from archsae.fit import FitSettings, SAESettings, sae_settings
     from archsae.fit.step import TrainingStep
 
     g = torch.Generator().manual_seed(0)
     points = torch.randn(args.centroids, args.d, generator=g)
     out = {}
-    default = FitSettings().w_every
-    variants = [("ra", "ra", {}, default), ("ra_paper", "ra", {"projection": "paper"}, default),
-                ("topk", "topk", {}, 1)]
-    variants += [(f"ra_w{m}", "ra", {}, m) for m in W_EVERY if m != default]
+    default = SAESettings().w_candidates
+    variants = [("ra_paper", "ra", {"projection": "paper"}), ("topk", "topk", {})]
+    variants += [(f"ra_s{s}", "ra", {"w_candidates": s}) for s in candidate_sizes(default)]
     for batch in BATCHES:
         x = torch.randn(batch, args.d, generator=g)
-        for name, sae, extra, w_every in variants:
+        for name, sae, extra in variants:
             settings = sae_settings(sae, args.d, args.concepts, **extra)
-            cfg = FitSettings(batch_size=batch, w_every=w_every, warmup=0.0)
+            cfg = FitSettings(batch_size=batch, warmup=0.0)
             learner = TrainingStep(settings, cfg, points if sae == "ra" else None, 10**6,
                                    torch.device("cpu"))
-            out[f"{name}_{batch}"] = timed(learner, x, math.ceil(args.steps / w_every), w_every)
+            on_candidates = sae == "ra" and 0 < settings.w_candidates < args.centroids
+            period = cfg.w_every * (cfg.w_refresh if on_candidates else 1)
+            out[f"{name}_{batch}"] = timed(learner, x, math.ceil(args.steps / period), period,
+                                           cfg.w_every)
             del learner
+        out[f"ra_{batch}"] = out[f"ra_s{default}_{batch}"]
+    out["default"] = default
     return out
+
+
+def candidate_sizes(default: int) -> list[int]:
+    """`CANDIDATES` and the default, ascending, all (0) last."""
+    return sorted(set(CANDIDATES) | {default}, key=lambda s: s or math.inf)
 
 
 def reference(args) -> dict:
@@ -121,11 +127,12 @@ def main() -> None:
           f"and {MIN_SECONDS:.0f} s):")
     for b in BATCHES:
         print(f"  batch {b:5d}  ours       RA-SAE {our[f'ra_{b}']:.3f} (exact projection), "
-              f"{our[f'ra_paper_{b}']:.3f} (paper's projection)  TopK {our[f'topk_{b}']:.3f}  "
+              f"{our[f'ra_paper_{b}']:.3f} (paper's projection), {our['default'] or 'all'} candidate "
+              f"centroids per atom  TopK {our[f'topk_{b}']:.3f}  "
               f"RA / TopK {our[f'ra_{b}'] / our[f'topk_{b}']:.2f}")
-        others = "  ".join(f"w_every {m}: {our[f'ra_w{m}_{b}'] / our[f'topk_{b}']:.2f}"
-                           for m in W_EVERY if f"ra_w{m}_{b}" in our)
-        print(f"  batch {b:5d}  ours       RA / TopK with W updated every m steps: {others}")
+        others = "  ".join(f"{s or 'all (dense W)'}: {our[f'ra_s{s}_{b}'] / our[f'topk_{b}']:.2f}"
+                           for s in candidate_sizes(our["default"]))
+        print(f"  batch {b:5d}  ours       RA / TopK by candidate centroids per atom: {others}")
         print(f"  batch {b:5d}  reference  RA-SAE {ref[f'ra_{b}']:.3f} (paper's projection)  "
               f"TopK {ref[f'topk_{b}']:.3f}  RA / TopK {ref[f'ra_{b}'] / ref[f'topk_{b}']:.2f}")
     result("ra_over_topk_ours", our["ra_4096"] / our["topk_4096"], "<=", 1.5)

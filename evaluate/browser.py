@@ -243,7 +243,7 @@ def build_site(fitdir, out, thumbnail: Callable[[int], bytes], top: int = 16, ag
                             f"this fit's {k}: compare against a fit at least as large")
         site.match = np.abs(match_atoms(atoms, other)[1])
     if sae.dictionary == "archetypal":
-        site.centroids = _heaviest_centroids(model.dictionary.W)
+        site.centroids = _heaviest_centroids(model.dictionary.dense_W())
     live = [c for c in range(k) if tops.frequency[c] > 0]
     dead = [c for c in range(k) if tops.frequency[c] == 0]
     shown = tops.site_images()

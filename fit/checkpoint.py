@@ -21,7 +21,7 @@ from archsae.errors import InvalidSetting, UserError
 from archsae.files import replaced_atomically, write_json
 from archsae.fit.settings import FitSettings, SAESettings
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CONFIG_KEYS = ("schema_version", "finished", "store", "centroids", "sae", "fit", "steps", "steps_per_epoch")
 
 

@@ -9,6 +9,11 @@ constraint map applied after every optimiser step.
   gradient (dL/dW = dL/dH C^T), so W can be updated every m steps at the cost of one product
   instead of three per step. (Data-parallel fits average dL/dH across processes before it is
   collected: k x d numbers instead of W's k x n'.)
+  With `candidates` s < n', each row of W lives on s centroids of its own (`W` is k x s, the
+  buffer `candidates` their sorted column numbers): W C, dL/dW and Adam cost k x s instead of
+  k x n', most of an RA step at the paper's 32,000 centroids. Every few updates they are chosen
+  anew (`choose_candidates`): the support W has, then the centroids that the mean dense dL/dW
+  since the last choice pulls in hardest (exact: dL/d(W C) summed over those steps, times C^T).
 """
 
 import warnings
@@ -20,15 +25,54 @@ from archsae.errors import UserError
 from archsae.fit.projections import PROJECTIONS, clip_row_norms, unit_rows
 
 
-def hull_points(w: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """W C. On CPU, from W's nonzeros alone when it is as sparse as the exact projection leaves
-    it (a few hundred of 32,000 centroids per row: 0.3 s instead of 0.6 s for 3,840 atoms of
+def hull_points(w: torch.Tensor, points: torch.Tensor,
+                candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """W C, W given on its `candidates` columns when there are any. A dense W on CPU is
+    multiplied from its nonzeros alone when it is as sparse as the exact projection leaves it
+    (a few hundred of 32,000 centroids per row: 0.3 s instead of 0.6 s for 3,840 atoms of
     d 768, conversion included). On a GPU, counting them would make the host wait."""
+    if candidates is not None:  # in float32 under autocast too: sparse bf16 kernels are not everywhere
+        with torch.autocast(points.device.type, enabled=False):
+            return _on_candidates(w, candidates, len(points)) @ points
     if w.device.type == "cpu" and int(torch.count_nonzero(w)) * 16 <= w.numel():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
             return w.to_sparse_csr() @ points
     return w @ points
+
+
+def _on_candidates(values: torch.Tensor, candidates: torch.Tensor, n_points: int) -> torch.Tensor:
+    """The k x n' sparse (CSR) matrix holding `values` at the `candidates` columns of each row."""
+    k, s = candidates.shape
+    rows = torch.arange(0, k * s + 1, s, device=values.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(rows, candidates.reshape(-1), values.reshape(-1), (k, n_points))
+
+
+def products_on_candidates(grad: torch.Tensor, points: torch.Tensor,
+                           candidates: torch.Tensor) -> torch.Tensor:
+    """(grad C^T)[i, candidates[i]], k x s, without the dense k x n' product (an SDDMM)."""
+    mask = _on_candidates(grad.new_zeros(candidates.shape), candidates, len(points))
+    return torch.sparse.sampled_addmm(mask, grad, points.T, beta=0.0).values().view(candidates.shape)
+
+
+def choose_candidates(w: torch.Tensor, grad: torch.Tensor, size: int) -> torch.Tensor:
+    """Each row's `size` centroids, sorted: its support in the dense W `w` (all of it; W never
+    had more than `size` entries), then those of most negative gradient, which a descent step
+    raises first."""
+    score = grad.masked_fill(w != 0, float("-inf"))
+    return score.topk(size, dim=1, largest=False).indices.sort(dim=1).values
+
+
+def restrict_to_candidates(values: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
+                           fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Rows of values held at the sorted columns `old`, read at the sorted columns `new`; the
+    columns `old` lacks get `fill` (a number, or a tensor shaped as `new`)."""
+    at = torch.searchsorted(old, new).clamp_(max=old.shape[1] - 1)
+    found = old.gather(1, at) == new
+    fill = torch.as_tensor(fill, dtype=values.dtype, device=values.device)
+    return torch.where(found, values.gather(1, at), fill)
 
 
 class FreeDictionary(nn.Module):
@@ -50,7 +94,8 @@ class ArchetypalDictionary(nn.Module):
     """Atoms in (a delta-neighbourhood of) the convex hull of the archetype points C."""
 
     def __init__(self, concepts: int, points: torch.Tensor, delta: float = 1.0,
-                 projection: str = "exact", multiplier: bool = False, project: bool = True):
+                 projection: str = "exact", multiplier: bool = False, project: bool = True,
+                 candidates: int = 0):
         super().__init__()
         n_points, d = points.shape
         if n_points < concepts:
@@ -58,13 +103,22 @@ class ArchetypalDictionary(nn.Module):
                             f"{concepts} centroids, got {n_points}: compute {concepts} or more "
                             "centroids, or ask for fewer concepts")
         self.register_buffer("points", points.float().contiguous())
-        self.W = nn.Parameter(torch.eye(concepts, n_points))  # atom i starts at centroid i
+        size = n_points if candidates == 0 else min(candidates, n_points)
+        if size < n_points:  # any s columns that hold i: the first update chooses them anew
+            columns = (torch.arange(concepts)[:, None] + torch.arange(size)) % n_points
+            self.register_buffer("candidates", columns.sort(dim=1).values)
+            start = (self.candidates == torch.arange(concepts)[:, None]).float()
+        else:
+            self.register_buffer("candidates", None)
+            start = torch.eye(concepts, n_points)
+        self.W = nn.Parameter(start)  # atom i starts at centroid i
         self.relax = nn.Parameter(torch.zeros(concepts, d))
         self.log_multiplier = nn.Parameter(torch.zeros(()), requires_grad=multiplier)
         self.delta, self.projection, self.project = float(delta), projection, project
         self._fused: torch.Tensor | None = None
         self._hull: torch.Tensor | None = None  # W C in training, a leaf for dL/d(W C)
         self.hull_grad_sum: torch.Tensor | None = None  # dL/d(W C) summed since W's update
+        self.candidate_grad_sum: torch.Tensor | None = None  # ... since the candidates' choice
         self.register_load_state_dict_post_hook(lambda module, keys: module._forget_fused())
 
     def _forget_fused(self) -> None:
@@ -74,7 +128,7 @@ class ArchetypalDictionary(nn.Module):
         """W C as a leaf whose .grad is this step's dL/d(W C)."""
         if self._hull is None or self._hull.device != self.W.device:
             with torch.no_grad():
-                self._hull = hull_points(self.W, self.points).requires_grad_()
+                self._hull = hull_points(self.W, self.points, self.candidates).requires_grad_()
         return self._hull
 
     def weight(self) -> torch.Tensor:
@@ -83,9 +137,15 @@ class ArchetypalDictionary(nn.Module):
             return (self.hull() + self.relax) * self.log_multiplier.exp()
         if self._fused is None or self._fused.device != self.W.device:
             with torch.no_grad():
-                hull = hull_points(self.W, self.points)
+                hull = hull_points(self.W, self.points, self.candidates)
                 self._fused = (hull + self.relax) * self.log_multiplier.exp()
         return self._fused
+
+    def dense_W(self) -> torch.Tensor:
+        """W as k x n' (rows on candidates scattered into place)."""
+        if self.candidates is None:
+            return self.W
+        return self.W.new_zeros(len(self.W), len(self.points)).scatter_(1, self.candidates, self.W)
 
     @torch.no_grad()
     def collect_hull_gradient(self) -> None:
@@ -93,15 +153,35 @@ class ArchetypalDictionary(nn.Module):
         if self._hull is None or self._hull.grad is None:
             return
         grad, self._hull.grad = self._hull.grad, None
+        if self.candidates is not None:
+            self.candidate_grad_sum = (grad.clone() if self.candidate_grad_sum is None
+                                       else self.candidate_grad_sum.add_(grad))
         self.hull_grad_sum = grad if self.hull_grad_sum is None else self.hull_grad_sum.add_(grad)
 
     @torch.no_grad()
-    def hull_gradient_to_W(self, steps: int) -> None:
+    def hull_gradient_to_W(self, steps: int, refresh: bool = False):
         """W's gradient: the mean over the last `steps` steps of dL/dW = dL/d(W C) C^T, exact
-        because W did not change over them. The hull is rebuilt from W after its update."""
+        because W did not change over them. The hull is rebuilt from W after its update.
+
+        With candidates and `refresh`, they are chosen anew and W moves onto them; returns the
+        old candidates then, for the optimiser's state to follow, else None."""
         grad, self.hull_grad_sum = self.hull_grad_sum, None
-        self.W.grad = None if grad is None else (grad @ self.points.T).div_(steps)
         self._hull = None
+        if grad is None:
+            self.W.grad = None
+            return None
+        grad = grad.div_(steps)
+        if self.candidates is None:
+            self.W.grad = grad @ self.points.T
+            return None
+        old = None
+        if refresh:
+            old, pull = self.candidates, self.candidate_grad_sum @ self.points.T
+            self.candidate_grad_sum = None
+            self.candidates = choose_candidates(self.dense_W(), pull, old.shape[1])
+            self.W.copy_(restrict_to_candidates(self.W, old, self.candidates))
+        self.W.grad = products_on_candidates(grad, self.points, self.candidates)
+        return old
 
     @torch.no_grad()
     def project_(self, hull: bool = True) -> None:

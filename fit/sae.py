@@ -31,7 +31,7 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("input_std", torch.ones(s.d))
         if s.dictionary == "archetypal":
             self.dictionary = ArchetypalDictionary(s.concepts, points, s.delta, s.projection,
-                                                   s.multiplier, s.project)
+                                                   s.multiplier, s.project, s.w_candidates)
         else:
             init = None
             if s.decoder_init == "centroids":

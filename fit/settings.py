@@ -128,6 +128,9 @@ class SAESettings(Settings):
                                        "the paper's relu + renormalise.", choices=tuple(PROJECTIONS))
     project: bool = setting(True, "Control: --no-projection never projects W (atoms may leave the hull).",
                             flags="--project/--no-projection")
+    w_candidates: int = setting(512, "Centroids each archetypal atom may combine at a time, chosen anew from a "
+                                   "dense gradient every w_refresh updates of W (0: all; see docs/fit.md).",
+                                low=0)
     multiplier: bool = setting(False, "Learnable scale exp(m) of D (reference library).")
     decoder_init: str = setting("random", "Free dictionaries: control that starts atom i at centroid i.",
                                 choices=DECODER_INITS)
@@ -203,6 +206,8 @@ class FitSettings(Settings):
     dictionary_eps: float = setting(1e-6, "Adam's eps for W (see docs/fit.md).", low=0, low_open=True)
     w_every: int = setting(1, "Steps between updates of the archetypal W; its gradient is the exact mean "
                               "of theirs, and W C is recomputed only then (see docs/fit.md).", low=1)
+    w_refresh: int = setting(50, "Updates of W between choices of each atom's candidate centroids "
+                                 "(w_candidates).", low=1)
     warmup: float = setting(0.05, "Fraction of the steps spent warming the learning rate up.",
                             low=0, high=1, high_open=True)
     final_lr: float = setting(1.0, "Fraction of the learning rate reached at the end of a cosine decay "

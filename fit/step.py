@@ -14,10 +14,16 @@ import math
 import torch
 
 from archsae.errors import UserError
+from archsae.fit.dictionaries import restrict_to_candidates
 from archsae.fit.encoders import Codes
 from archsae.fit.sae import SparseAutoencoder
 from archsae.fit.settings import FitSettings, SAESettings
 from archsae.ranks import Ranks
+
+
+# Checkpoint key -> the archetypal dictionary's running sums of dL/d(W C): since W's update,
+# since its candidates' choice
+RUNNING_SUMS = (("hull_grad", "hull_grad_sum"), ("candidate_grad", "candidate_grad_sum"))
 
 
 def lr_factor(step: int, total: int, warmup: float, final: float) -> float:
@@ -107,7 +113,10 @@ class TrainingStep:
         if s.dictionary == "archetypal":
             model.dictionary.collect_hull_gradient()
             if update_w:  # W's gradient, else W is left alone
-                model.dictionary.hull_gradient_to_W(self.hull_steps)
+                refresh = self.step // cfg.w_every % cfg.w_refresh == 0
+                old = model.dictionary.hull_gradient_to_W(self.hull_steps, refresh)
+                if old is not None:
+                    self._follow_candidates(old)
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         self.optimizer.step()
@@ -130,6 +139,18 @@ class TrainingStep:
         return {"loss": loss.detach(), "mse": mse.detach(), "r2": r2, "l0": l0,
                 "penalty_coef": self.penalty_coef, "dead": dead.float().mean(), "aux": aux.detach()}
 
+    def _follow_candidates(self, old: torch.Tensor) -> None:
+        """Adam's state of W onto its new candidate centroids: kept where a column stays; a new
+        one starts without momentum and with its gradient's square as second moment (as if seen
+        once), so its first steps are small rather than a full-rate jump."""
+        dictionary = self.model.dictionary
+        state = self.optimizer.state.get(dictionary.W, {})
+        new = dictionary.candidates
+        if "exp_avg" in state:
+            state["exp_avg"].copy_(restrict_to_candidates(state["exp_avg"], old, new))
+            state["exp_avg_sq"].copy_(restrict_to_candidates(state["exp_avg_sq"], old, new,
+                                                             dictionary.W.grad.square()))
+
     def _average_gradients(self) -> None:
         """Mean of every gradient over the processes (each a mean over its equal part of the
         batch: together the global batch's), one flat all-reduce; the archetypal W's is its
@@ -148,17 +169,19 @@ class TrainingStep:
         """What a checkpoint needs besides the model and optimizer to resume this exact run."""
         tensors = {"silent_tokens": self.silent_tokens, "penalty_coef": self.penalty_coef,
                    "hull_steps": torch.tensor(self.hull_steps)}
-        pending = getattr(self.model.dictionary, "hull_grad_sum", None)
-        if pending is not None:
-            tensors["hull_grad"] = pending
+        for key, name in RUNNING_SUMS:
+            pending = getattr(self.model.dictionary, name, None)
+            if pending is not None:
+                tensors[key] = pending
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.silent_tokens = tensors["silent_tokens"].to(self.device)
         self.penalty_coef = tensors["penalty_coef"].to(self.device)
         self.hull_steps = int(tensors.get("hull_steps", 0))
-        if "hull_grad" in tensors:
-            self.model.dictionary.hull_grad_sum = tensors["hull_grad"].to(self.device)
+        for key, name in RUNNING_SUMS:
+            if key in tensors:
+                setattr(self.model.dictionary, name, tensors[key].to(self.device))
 
     def _aux_loss(self, pre, atoms, residual, dead):
         """AuxK: the dead codes' own top-k reconstructs the main reconstruction's error. Without

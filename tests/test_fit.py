@@ -16,7 +16,8 @@ from scipy.optimize import linprog
 from archsae.cache import TokenStore
 from archsae.evaluate.run import evaluate_fit
 from archsae.fit import load
-from archsae.fit.dictionaries import ArchetypalDictionary, hull_points
+from archsae.fit.dictionaries import (ArchetypalDictionary, hull_points, products_on_candidates,
+                                     restrict_to_candidates)
 from archsae.fit.encoders import Codes, TopK
 from archsae.fit.projections import (_threshold_of_sorted, clip_row_norms, project_rows_to_simplex_,
                                     refine_threshold, relu_renormalise_rows)
@@ -131,10 +132,13 @@ def test_paper_projection_and_norm_clip():
     assert torch.equal(clip_row_norms(x, 0.0), torch.zeros_like(x))
 
 
-def test_a_sae_atoms_lie_in_the_convex_hull_of_the_centroids(store, tmp_path):
-    fit(store, tmp_path / "a", small("a"), FitSettings(**FAST), progress=False)
+@pytest.mark.parametrize("candidates", [0, 12])  # all 64 centroids, or 12 per atom at a time
+def test_a_sae_atoms_lie_in_the_convex_hull_of_the_centroids(store, tmp_path, candidates):
+    fit(store, tmp_path / "a", small("a", w_candidates=candidates), FitSettings(**FAST, w_refresh=3),
+        progress=False)
     model = load(tmp_path / "a")
-    W, C = model.dictionary.W.detach().double(), model.dictionary.points.double()
+    W, C = model.dictionary.dense_W().detach().double(), model.dictionary.points.double()
+    assert ((W != 0).sum(-1) <= (candidates or len(C))).all()
     assert (W >= 0).all() and torch.allclose(W.sum(-1), torch.ones(len(W), dtype=torch.float64))
     assert model.dictionary.relax.abs().max() == 0
     D = model.dictionary.weight().double()  # the fused eval dictionary
@@ -196,6 +200,48 @@ def test_w_gradient_summed_over_steps_is_exact():
     torch.testing.assert_close(dictionary.W.grad, W.grad / len(targets))
 
 
+def test_w_on_candidates_gives_the_dense_products():
+    """W held on s candidate centroids per row: W C and dL/dW equal the dense ones there."""
+    g = torch.Generator().manual_seed(0)
+    points, grad = torch.randn(40, 6, generator=g), torch.randn(5, 6, generator=g)
+    dictionary = ArchetypalDictionary(5, points, candidates=8)
+    assert dictionary.W.shape == (5, 8) and torch.equal(dictionary.dense_W(), torch.eye(5, 40))
+    dictionary.W.data.uniform_(generator=g)
+    dense = dictionary.dense_W()
+    torch.testing.assert_close(hull_points(dictionary.W, points, dictionary.candidates), dense @ points)
+    torch.testing.assert_close(products_on_candidates(grad, points, dictionary.candidates),
+                               (grad @ points.T).gather(1, dictionary.candidates))
+    old, new = torch.tensor([[0, 2, 4, 6]]), torch.tensor([[1, 2, 6, 9]])
+    assert restrict_to_candidates(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), old, new, 7.0).tolist() == \
+        [[7.0, 2.0, 4.0, 7.0]]
+
+
+def test_candidates_keep_the_support_and_add_the_steepest_centroids():
+    """A refresh keeps every centroid W uses and fills up with those of most negative gradient
+    since the last choice; W itself does not change, and its gradient is the dense one on the
+    new candidates."""
+    g = torch.Generator().manual_seed(1)
+    points = torch.randn(50, 6, generator=g)
+    dictionary = ArchetypalDictionary(4, points, candidates=10)
+    dictionary.W.data.uniform_(generator=g)
+    dictionary.W.data[:, ::2] = 0  # 5 of the 10 in use
+    project_rows_to_simplex_(dictionary.W.data)
+    before, used = dictionary.dense_W().clone(), dictionary.dense_W() != 0
+    dictionary.candidate_grad_sum = torch.randn(4, 6, generator=g)  # chooses
+    dictionary.hull_grad_sum = 2 * dictionary.candidate_grad_sum  # this update's, of 2 steps
+    dense = dictionary.candidate_grad_sum @ points.T
+    old = dictionary.hull_gradient_to_W(2, refresh=True)
+    new = dictionary.candidates
+    assert not torch.equal(old, new) and torch.equal(new, new.sort(dim=1).values)
+    assert torch.equal(dictionary.dense_W(), before)
+    torch.testing.assert_close(dictionary.W.grad, dense.gather(1, new))
+    for i in range(4):
+        chosen = set(new[i].tolist())
+        support = set(used[i].nonzero().flatten().tolist())
+        rest = [c for c in dense[i].argsort().tolist() if c not in support]
+        assert support <= chosen and chosen - support == set(rest[:10 - len(support)])
+
+
 def test_w_every_updates_w_only_at_the_end_of_each_window(store):
     points = torch.from_numpy(TokenStore(store).sample(64)).float()
     learner = TrainingStep(sae_settings("ra", 64, concepts=32, top_k=4), FitSettings(w_every=3), points,
@@ -227,15 +273,17 @@ def test_w_rate_decays_on_its_own_while_the_others_keep_theirs(store):
 
 def test_no_projection_control_leaves_the_simplex(store, tmp_path):
     fit(store, tmp_path / "f", small("a", project=False), FitSettings(**FAST), progress=False)
-    W = load(tmp_path / "f").dictionary.W.detach()
+    W = load(tmp_path / "f").dictionary.dense_W().detach()
     assert (W < 0).any() or not torch.allclose(W.sum(-1), torch.ones(len(W)))
 
 
-@pytest.mark.parametrize("w_every", [1, 5])  # 5: the cut falls inside a window of W's gradient sum
-def test_resume_after_sigterm_equals_an_uninterrupted_fit(store, tmp_path, monkeypatch, w_every):
-    cfg = FitSettings(**{**FAST, "epochs": 3, "checkpoint_every": 7, "w_every": w_every})
-    fit(store, tmp_path / "ref", small("ra"), cfg, progress=False)
-    trainer = Trainer(store, tmp_path / "cut", small("ra"), cfg, progress=False)
+# w_every 5: the cut falls inside a window of W's gradient sum; candidates: refreshed on both sides
+@pytest.mark.parametrize("w_every, candidates", [(1, 0), (5, 0), (1, 12)])
+def test_resume_after_sigterm_equals_an_uninterrupted_fit(store, tmp_path, monkeypatch, w_every, candidates):
+    cfg = FitSettings(**{**FAST, "epochs": 3, "checkpoint_every": 7, "w_every": w_every, "w_refresh": 4})
+    sae = small("ra", w_candidates=candidates)
+    fit(store, tmp_path / "ref", sae, cfg, progress=False)
+    trainer = Trainer(store, tmp_path / "cut", sae, cfg, progress=False)
     step = TrainingStep.__call__
 
     def interrupted(self, x):  # a SIGTERM arrives during step 17
@@ -249,7 +297,7 @@ def test_resume_after_sigterm_equals_an_uninterrupted_fit(store, tmp_path, monke
         trainer.run()
     monkeypatch.undo()
     assert json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["step"] == 17
-    fit(store, tmp_path / "cut", small("ra"), cfg, resume=True, progress=False)
+    fit(store, tmp_path / "cut", sae, cfg, resume=True, progress=False)
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
@@ -380,6 +428,8 @@ def test_torchrun_two_ranks_fit_the_model_of_one_process(store, tmp_path, sae):
     args = ["fit", str(store), "--sae", sae, "--concepts", "32", "--top-k", "4", "--epochs", "2",
             "--batch-size", "256", "--lr", "2e-3", "--centroids", "k64-seed0-all-heldout0.1s0",
             "--checkpoint-every", "5"]
+    if sae == "ra":  # W on 12 of the 64 centroids per atom, chosen anew every 3 updates
+        args += ["--w-candidates", "12", "--w-refresh", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "archsae", *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
