@@ -31,14 +31,24 @@ def hull_points(w: torch.Tensor, points: torch.Tensor,
     multiplied from its nonzeros alone when it is as sparse as the exact projection leaves it
     (a few hundred of 32,000 centroids per row: 0.3 s instead of 0.6 s for 3,840 atoms of
     d 768, conversion included). On a GPU, counting them would make the host wait."""
-    if candidates is not None:  # in float32 under autocast too: sparse bf16 kernels are not everywhere
+    if candidates is not None and _sparse_pays(candidates, points):
+        # in float32 under autocast too: sparse bf16 kernels are not everywhere
         with torch.autocast(points.device.type, enabled=False):
             return _on_candidates(w, candidates, len(points)) @ points
+    if candidates is not None:
+        w = w.new_zeros(len(w), len(points)).scatter_(1, candidates, w)
     if w.device.type == "cpu" and int(torch.count_nonzero(w)) * 16 <= w.numel():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
             return w.to_sparse_csr() @ points
     return w @ points
+
+
+def _sparse_pays(candidates: torch.Tensor, points: torch.Tensor) -> bool:
+    """Sparse products on s candidates of n' beat dense ones (BLAS) only when s is a small part
+    of n': on CPU at s = n' / 4 they were 1.3x slower, at the paper's 512 of 32,000 2-6x faster
+    (W C 0.13 s instead of 0.3 s, dL/dW 0.1-0.2 s instead of 0.7 s)."""
+    return candidates.shape[1] * 8 <= len(points)
 
 
 def _on_candidates(values: torch.Tensor, candidates: torch.Tensor, n_points: int) -> torch.Tensor:
@@ -52,7 +62,10 @@ def _on_candidates(values: torch.Tensor, candidates: torch.Tensor, n_points: int
 
 def products_on_candidates(grad: torch.Tensor, points: torch.Tensor,
                            candidates: torch.Tensor) -> torch.Tensor:
-    """(grad C^T)[i, candidates[i]], k x s, without the dense k x n' product (an SDDMM)."""
+    """(grad C^T)[i, candidates[i]], k x s, without the dense k x n' product (an SDDMM) when
+    that is faster."""
+    if not _sparse_pays(candidates, points):
+        return (grad @ points.T).gather(1, candidates)
     mask = _on_candidates(grad.new_zeros(candidates.shape), candidates, len(points))
     return torch.sparse.sampled_addmm(mask, grad, points.T, beta=0.0).values().view(candidates.shape)
 

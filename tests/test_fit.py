@@ -132,7 +132,7 @@ def test_paper_projection_and_norm_clip():
     assert torch.equal(clip_row_norms(x, 0.0), torch.zeros_like(x))
 
 
-@pytest.mark.parametrize("candidates", [0, 12])  # all 64 centroids, or 12 per atom at a time
+@pytest.mark.parametrize("candidates", [0, 8])  # all 64 centroids, or 8 per atom (sparse products)
 def test_a_sae_atoms_lie_in_the_convex_hull_of_the_centroids(store, tmp_path, candidates):
     fit(store, tmp_path / "a", small("a", w_candidates=candidates), FitSettings(**FAST, w_refresh=3),
         progress=False)
@@ -200,12 +200,13 @@ def test_w_gradient_summed_over_steps_is_exact():
     torch.testing.assert_close(dictionary.W.grad, W.grad / len(targets))
 
 
-def test_w_on_candidates_gives_the_dense_products():
+@pytest.mark.parametrize("n_points", [40, 80])  # 8 of 40: dense kernels; 8 of 80: sparse ones
+def test_w_on_candidates_gives_the_dense_products(n_points):
     """W held on s candidate centroids per row: W C and dL/dW equal the dense ones there."""
     g = torch.Generator().manual_seed(0)
-    points, grad = torch.randn(40, 6, generator=g), torch.randn(5, 6, generator=g)
+    points, grad = torch.randn(n_points, 6, generator=g), torch.randn(5, 6, generator=g)
     dictionary = ArchetypalDictionary(5, points, candidates=8)
-    assert dictionary.W.shape == (5, 8) and torch.equal(dictionary.dense_W(), torch.eye(5, 40))
+    assert dictionary.W.shape == (5, 8) and torch.equal(dictionary.dense_W(), torch.eye(5, n_points))
     dictionary.W.data.uniform_(generator=g)
     dense = dictionary.dense_W()
     torch.testing.assert_close(hull_points(dictionary.W, points, dictionary.candidates), dense @ points)
@@ -278,7 +279,7 @@ def test_no_projection_control_leaves_the_simplex(store, tmp_path):
 
 
 # w_every 5: the cut falls inside a window of W's gradient sum; candidates: refreshed on both sides
-@pytest.mark.parametrize("w_every, candidates", [(1, 0), (5, 0), (1, 12)])
+@pytest.mark.parametrize("w_every, candidates", [(1, 0), (5, 0), (1, 8)])
 def test_resume_after_sigterm_equals_an_uninterrupted_fit(store, tmp_path, monkeypatch, w_every, candidates):
     cfg = FitSettings(**{**FAST, "epochs": 3, "checkpoint_every": 7, "w_every": w_every, "w_refresh": 4})
     sae = small("ra", w_candidates=candidates)
@@ -428,8 +429,8 @@ def test_torchrun_two_ranks_fit_the_model_of_one_process(store, tmp_path, sae):
     args = ["fit", str(store), "--sae", sae, "--concepts", "32", "--top-k", "4", "--epochs", "2",
             "--batch-size", "256", "--lr", "2e-3", "--centroids", "k64-seed0-all-heldout0.1s0",
             "--checkpoint-every", "5"]
-    if sae == "ra":  # W on 12 of the 64 centroids per atom, chosen anew every 3 updates
-        args += ["--w-candidates", "12", "--w-refresh", "3"]
+    if sae == "ra":  # W on 8 of the 64 centroids per atom (sparse products), chosen every 3 updates
+        args += ["--w-candidates", "8", "--w-refresh", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "archsae", *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
