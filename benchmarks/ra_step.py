@@ -11,6 +11,10 @@ At d=768, 3,840 concepts, 32,000 centroids (top-k = concepts / 10 for both), bat
              rate (no warm-up of it) after `WARM_STEPS` steps: from its identity start a dense
              W's rows first spread over about a thousand centroids, then settle to the few
              hundred a fit keeps (the exact projection's cost follows them);
+  reference: overcomplete 0.3.0's RATopKSAE vs TopKSAE, one step of its own `train_sae` loop
+             body (zero_grad, forward, criterion(x, x_hat, z_pre, z, model.get_dictionary()),
+             backward, clip, Adam) with a plain MSE criterion, as ours has no AuxK term while no
+             code is dead.
 The reference runs in a subprocess that adds `.bench/reference` (made by `make bench`:
 overcomplete with matplotlib<3.9, einops, opencv) to its path, so it never touches our venv.
 
@@ -67,7 +71,7 @@ def ours(args) -> dict:
             cfg = FitSettings(batch_size=batch, warmup=0.0)
             learner = TrainingStep(settings, cfg, points if sae == "ra" else None, 10**6,
                                    torch.device("cpu"))
-            on_candidates = sae == "ra" and 0 < settings.w_candidates < args.centroids
+            on_candidates = getattr(learner.model.dictionary, "candidates", None) is not None
             period = cfg.w_every * (cfg.w_refresh if on_candidates else 1)
             out[f"{name}_{batch}"] = timed(learner, x, math.ceil(args.steps / period), period,
                                            cfg.w_every)

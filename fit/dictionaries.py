@@ -36,12 +36,17 @@ def hull_points(w: torch.Tensor, points: torch.Tensor,
         with torch.autocast(points.device.type, enabled=False):
             return _on_candidates(w, candidates, len(points)) @ points
     if candidates is not None:
-        w = w.new_zeros(len(w), len(points)).scatter_(1, candidates, w)
+        w = dense_rows(w, candidates, len(points))
     if w.device.type == "cpu" and int(torch.count_nonzero(w)) * 16 <= w.numel():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
             return w.to_sparse_csr() @ points
     return w @ points
+
+
+def dense_rows(values: torch.Tensor, candidates: torch.Tensor, n_points: int) -> torch.Tensor:
+    """The k x n' matrix holding `values` at the `candidates` columns of each row, 0 elsewhere."""
+    return values.new_zeros(len(values), n_points).scatter_(1, candidates, values)
 
 
 def _sparse_pays(candidates: torch.Tensor, points: torch.Tensor) -> bool:
@@ -158,7 +163,7 @@ class ArchetypalDictionary(nn.Module):
         """W as k x n' (rows on candidates scattered into place)."""
         if self.candidates is None:
             return self.W
-        return self.W.new_zeros(len(self.W), len(self.points)).scatter_(1, self.candidates, self.W)
+        return dense_rows(self.W, self.candidates, len(self.points))
 
     @torch.no_grad()
     def collect_hull_gradient(self) -> None:
