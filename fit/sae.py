@@ -11,6 +11,8 @@ from archsae.fit.dictionaries import ArchetypalDictionary, FreeDictionary
 from archsae.fit.encoders import ENCODERS, Codes
 from archsae.fit.settings import SAESettings
 
+FREE_TIED_SCALE = 0.2  # of the tied encoder's rows, for random free atoms (docs/fit.md)
+
 
 class SparseAutoencoder(nn.Module):
     """x -> codes z (B, k) -> x_hat = z D + b_pre, on standardised activations.
@@ -51,12 +53,19 @@ class SparseAutoencoder(nn.Module):
             else:  # tied: z_i = <x, D_i / |D_i|> / mean |D|: top-k picks by alignment
                 atoms = self.dictionary.weight()
                 norms = atoms.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                # Free atoms started at centroids are each aligned with a token: k of them
-                # rebuild it about k times over (R^2 -36 at init on real features, still < 0
-                # after 100 steps), so their codes start at 1/k (docs/fit.md).
-                overshoot = s.top_k if s.dictionary == "free" and s.decoder_init == "centroids" else 1
-                self.enc.weight.copy_(atoms / norms / norms.mean() / overshoot)
+                self.enc.weight.copy_(atoms / norms / norms.mean() * self._tied_scale())
                 self.enc.bias.zero_()
+
+    def _tied_scale(self) -> float:
+        """Free atoms started at centroids are each aligned with a token: k of them rebuild it
+        about k times over (R^2 -36 at init on real features, still < 0 after 100 steps), so
+        their codes start at 1/k. Random free atoms start at FREE_TIED_SCALE: Adam moves each
+        weight by about lr a step, so shorter rows learn faster (held-out R^2 by scale in
+        docs/fit.md). Archetypal rows (1 / mean |D|, atoms at centroids) are short already."""
+        s = self.settings
+        if s.dictionary == "archetypal":
+            return 1.0
+        return 1 / s.top_k if s.decoder_init == "centroids" else FREE_TIED_SCALE
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations -> the standardised space the model works in."""

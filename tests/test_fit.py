@@ -399,9 +399,9 @@ def test_topk_started_at_centroids_does_not_overshoot_at_init():
 
 @pytest.mark.parametrize("sae", ["ra", "topk"])
 def test_encoder_init_is_tied_to_the_atoms_or_drawn_from_the_fit_seed(sae):
-    """tied: rows along the atoms, of norm 1 / their mean norm, no bias; random: nn.Linear's uniform draw,
-    the same for the same seed."""
-    from archsae.fit.sae import SparseAutoencoder
+    """tied: rows along the atoms, of norm 1 / their mean norm (random free atoms: FREE_TIED_SCALE of
+    it), no bias; random: nn.Linear's uniform draw, the same for the same seed."""
+    from archsae.fit.sae import FREE_TIED_SCALE, SparseAutoencoder
 
     points = torch.randn(80, 16, generator=torch.Generator().manual_seed(1))
     tied = SparseAutoencoder(sae_settings(sae, 16, 40, 4), points, torch.Generator().manual_seed(0))
@@ -409,7 +409,8 @@ def test_encoder_init_is_tied_to_the_atoms_or_drawn_from_the_fit_seed(sae):
     cosines = torch.nn.functional.cosine_similarity(tied.enc.weight, atoms, dim=-1)
     assert torch.allclose(cosines, torch.ones(40)) and not tied.enc.bias.any()
     norms = tied.enc.weight.norm(dim=-1)
-    assert torch.allclose(norms, 1 / atoms.norm(dim=-1).mean().expand(40))
+    scale = FREE_TIED_SCALE if sae == "topk" else 1.0
+    assert torch.allclose(norms, scale / atoms.norm(dim=-1).mean().expand(40))
     random = [SparseAutoencoder(sae_settings(sae, 16, 40, 4, encoder_init="random"), points,
                                 torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
     bound = 16 ** -0.5
