@@ -34,6 +34,7 @@ def _read(path):
 def _describe(name: str) -> str:
     """A reader's label for an SAE name (`SAESettings.name`): what it is, and which control."""
     for suffix, note in (("-random-encoder", "{}, encoder drawn at random (the reference's init)"),
+                         ("-tied-encoder", "{}, encoder started along its random atoms"),
                          ("-no-projection", "control: {} with the projection off"),
                          ("-centroid-init", "control: {}, decoder started at the centroids")):
         if name.endswith(suffix):

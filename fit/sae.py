@@ -46,7 +46,7 @@ class SparseAutoencoder(nn.Module):
         self.pre_bias = nn.Parameter(torch.zeros(s.d))
         self.enc = nn.utils.skip_init(nn.Linear, s.d, s.concepts)  # set below
         with torch.no_grad():
-            if s.encoder_init == "random":  # nn.Linear's draw: U(-1/sqrt(d), 1/sqrt(d))
+            if not s.tied_encoder:  # nn.Linear's draw: U(-1/sqrt(d), 1/sqrt(d))
                 bound = s.d ** -0.5
                 self.enc.weight.uniform_(-bound, bound, generator=generator)
                 self.enc.bias.uniform_(-bound, bound, generator=generator)

@@ -76,6 +76,7 @@ class TrainingStep:
         # fused: one kernel for all parameters (12x faster than the default on CPU for W)
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8,
                                           fused=device.type in ("cpu", "cuda"))
+        self.warmup = cfg.warmup_for(sae)
         self.step = 0
         self.hull_steps = 0  # steps whose dL/d(W C) the archetypal hull has summed since W's update
         self.penalty_coef = torch.tensor(1e-2, dtype=torch.float64, device=device)
@@ -85,7 +86,7 @@ class TrainingStep:
         """One optimiser step on a batch of standardised tokens; returns its metrics (tensors)."""
         s, cfg, model = self.sae, self.cfg, self.model
         for group, (base, final) in zip(self.optimizer.param_groups, self.schedules):
-            group["lr"] = base * lr_factor(self.step, self.total_steps, cfg.warmup, final)
+            group["lr"] = base * lr_factor(self.step, self.total_steps, self.warmup, final)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             atoms = model.dictionary.weight()
             pre = model.pre_activations(x)

@@ -399,12 +399,16 @@ def test_topk_started_at_centroids_does_not_overshoot_at_init():
 
 @pytest.mark.parametrize("sae", ["ra", "topk"])
 def test_encoder_init_is_tied_to_the_atoms_or_drawn_from_the_fit_seed(sae):
-    """tied: rows along the atoms, of norm 1 / their mean norm (random free atoms: FREE_TIED_SCALE of
-    it), no bias; random: nn.Linear's uniform draw, the same for the same seed."""
+    """tied (the default where atoms start at centroids): rows along the atoms, of norm 1 / their
+    mean norm (random free atoms: FREE_TIED_SCALE of it), no bias; random (the default of random
+    free atoms): nn.Linear's uniform draw, the same for the same seed."""
     from archsae.fit.sae import FREE_TIED_SCALE, SparseAutoencoder
 
+    assert sae_settings(sae, 16).tied_encoder == (sae == "ra")
+    assert sae_settings(sae, 16, decoder_init="centroids").tied_encoder if sae == "topk" else True
     points = torch.randn(80, 16, generator=torch.Generator().manual_seed(1))
-    tied = SparseAutoencoder(sae_settings(sae, 16, 40, 4), points, torch.Generator().manual_seed(0))
+    tied = SparseAutoencoder(sae_settings(sae, 16, 40, 4, encoder_init="tied"), points,
+                             torch.Generator().manual_seed(0))
     atoms = tied.dictionary.weight().detach()
     cosines = torch.nn.functional.cosine_similarity(tied.enc.weight, atoms, dim=-1)
     assert torch.allclose(cosines, torch.ones(40)) and not tied.enc.bias.any()

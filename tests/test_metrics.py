@@ -79,7 +79,7 @@ def test_evaluate_and_stability_cli(tmp_path):
     assert cli("import", tmp_path / "a.npy", "--out", tmp_path / "s").exit_code == 0
     for seed in (0, 1):
         fit(tmp_path / "s", tmp_path / f"f{seed}", sae_settings("topk", 16, 8, 2),
-            FitSettings(epochs=2, batch_size=64, seed=seed), progress=False)
+            FitSettings(epochs=2, batch_size=64, lr=2e-3, seed=seed), progress=False)
     res = cli("evaluate", tmp_path / "f0", tmp_path / "f1", "--json", tmp_path / "m.json")
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "m.json").read_text())

@@ -53,7 +53,8 @@ def test_the_name_is_derived_from_what_the_sae_is():
     assert sae_settings(None, 16, dictionary="archetypal", delta=0.0).name == "a"
     assert sae_settings("topk", 16, decoder_init="centroids").name == "topk-centroid-init"
     assert sae_settings("ra", 16, project=False).name == "ra-no-projection"
-    assert sae_settings("topk", 16, encoder_init="random").name == "topk-random-encoder"
+    assert sae_settings("topk", 16, encoder_init="random").name == "topk"  # its default
+    assert sae_settings("topk", 16, encoder_init="tied").name == "topk-tied-encoder"
     assert sae_settings("ra", 16, encoder_init="random").name == "ra-random-encoder"
     assert sae_settings("ra", 16).concepts == 80 and sae_settings("ra", 16).top_k == 8
     for name, values in (("ra", {"dictionary": "free"}), ("topk", {"encoder": "relu"}),
