@@ -160,8 +160,8 @@ class SAESettings(Settings):
             name += "" if self.project else "-no-projection"
         else:
             name = self.encoder + ("-centroid-init" if self.decoder_init == "centroids" else "")
-        if self.encoder_init is not None and (self.encoder_init == "tied") != self.needs_centroids:
-            name += f"-{self.encoder_init}-encoder"
+        if self.tied_encoder != self.needs_centroids:  # not the default init
+            name += "-tied-encoder" if self.tied_encoder else "-random-encoder"
         return name
 
     @property
