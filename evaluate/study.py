@@ -48,18 +48,27 @@ VARIES = {
 
 
 def _run(settings: SAESettings, cfg: FitSettings, varies: str, i: int, centroid_sets):
-    """The settings of run i of a study."""
+    """The folder name and settings of run i of a study. Runs are named by what they are, so
+    studies written to one folder share their identical runs: run 0 across centroid sets (seed 0,
+    the first set) is run 0 across seeds (`fit` refuses a folder whose settings differ)."""
     if varies == "subset":
-        return settings, replace(cfg, subset=0.9, subset_seed=i)
+        return f"subset{i}", settings, replace(cfg, subset=0.9, subset_seed=i)
     if varies == "centroids":
         settings = replace(settings, centroids=centroid_sets[i])
-    return settings, replace(cfg, seed=i)
+        return ("run0" if i == 0 else f"run{i}-centroids{i}"), settings, replace(cfg, seed=i)
+    return f"run{i}", settings, replace(cfg, seed=i)
+
+
+def study_file(out, varies: str) -> Path:
+    """Where a study's report is written: one file per kind, so studies can share a folder."""
+    return Path(out) / f"stability-{varies}.json"
 
 
 def stability_study(store, out, saes: list[SAESettings], cfg: FitSettings, seeds: int = 4,
                     varies: str = "seed", centroid_sets: list[str] | None = None,
                     progress: bool = True) -> dict:
-    """Fit every variant `seeds` times (finished runs are reused) and report their stability.
+    """Fit every variant `seeds` times (finished runs are reused, those of another study in the
+    same folder too) and report their stability.
     With `varies="centroids"`, run i uses `centroid_sets[i]`, and variants without centroids
     (TopK, random init: the same runs as a seed study) are left out."""
     out = Path(out)
@@ -70,16 +79,18 @@ def stability_study(store, out, saes: list[SAESettings], cfg: FitSettings, seeds
     for name, settings in study_variants(saes).items():
         if varies == "centroids" and not settings.needs_centroids:
             continue
-        runs, evaluations = [], []
+        folders, runs, evaluations = [], [], []
         for i in range(seeds):
-            run_dir = out / name / f"run{i}"
-            fit(store, run_dir, *_run(settings, cfg, varies, i, centroid_sets), resume=True, progress=progress)
+            folder, *run_settings = _run(settings, cfg, varies, i, centroid_sets)
+            run_dir = out / name / folder
+            fit(store, run_dir, *run_settings, resume=True, progress=progress)
+            folders.append(folder)
             runs.append(load(run_dir).dictionary.weight().detach())
             evaluations.append(evaluate_fit(run_dir, progress=False))
         report["variants"][name] = {
             **compare_runs(runs), "heldout_r2": [e["metrics"][cfg.tokens]["r2"] for e in evaluations],
-            "first_run": evaluations[0]}  # every metric of run 0, for the report
-    write_json(out / "stability.json", report)
+            "runs": folders, "first_run": evaluations[0]}  # every metric of run 0, for the report
+    write_json(study_file(out, varies), report)
     return report
 
 

@@ -132,6 +132,21 @@ def test_plausibility_cli(fit_store, tmp_path):
         raw = model.dictionary.weight().detach().double() * model.input_std.double()
         cos = (rows / rows.norm(dim=1, keepdim=True)) @ (raw / raw.norm(dim=1, keepdim=True)).T
         assert row["plausibility"] == pytest.approx(float(cos.max(1).values.mean()), abs=1e-9)
+    sweep = {r["fit"]: r["plausibility"] for r in report["rows"] if r["fit"]}
+    given = [str(tmp_path / "topk-k16"), str(tmp_path / "ra-k32-delta1")]
+    res = cli("bench", "plausibility", "--model", TINY, "--weights", "random", "--fit", given[0],
+              "--fit", given[1], "--out", tmp_path / "given")
+    assert res.exit_code == 0, res.output  # fits already made are scored, not fitted again
+    scored = json.loads((tmp_path / "given" / "plausibility.json").read_text())["rows"]
+    assert [(r["sae"], r["delta"]) for r in scored[:2]] == [("topk", None), ("ra", 1.0)]
+    assert [r["plausibility"] for r in scored[:2]] == [sweep[f] for f in given]
+    assert {(r["sae"], r["concepts"]) for r in scored[2:]} == {("random atoms", 16), ("random atoms", 32)}
+    res = cli("bench", "plausibility", "--model", TINY, "--weights", "random", "--fit", given[0],
+              "--store", fit_store, "--out", tmp_path / "both")
+    assert res.exit_code == 2 and "leave out --store" in res.output
+    res = cli("bench", "plausibility", "--model", TINY, "--weights", "random", "--fit", tmp_path / "none",
+              "--out", tmp_path / "none-out")
+    assert res.exit_code == 2 and not (tmp_path / "none-out").exists()
     res = cli("bench", "plausibility", "--model", TINY, "--weights", "random", "--store", fit_store,
               "--out", tmp_path / "d", "--deltas", "1", "--epochs", 1, "--n-centroids", 64)
     assert res.exit_code == 0, res.output  # default sizes fit the store: 64 centroids, size 64

@@ -31,7 +31,7 @@ def test_study_has_the_controls_and_reports_every_pair(fit_store, tmp_path):
     for name, r in report["variants"].items():
         assert len(r["pairs"]) == 3 and 0 < r["mean"] <= 1 + 1e-9
     assert report["variants"]["topk-centroid-init"]["mean"] > report["variants"]["topk"]["mean"]
-    saved = json.loads((tmp_path / "stability.json").read_text())
+    saved = json.loads((tmp_path / "stability-seed.json").read_text())
     assert saved["variants"].keys() == report["variants"].keys()
     res = cli("stability-study", fit_store, "--sae", "ra", "--out", tmp_path, "--seeds", 3,
               "--concepts", 32, "--top-k", 4, "--centroids", "k64-seed0-all-heldout0.1s0", "--epochs", 1,
@@ -52,14 +52,36 @@ def test_study_across_centroid_sets_gives_each_run_its_own_kmeans(fit_store, tmp
               "centroids", "--concepts", 32, "--top-k", 4, "--n-centroids", 64, "--epochs", 1,
               "--batch-size", 256)
     assert res.exit_code == 0, res.output
-    report = json.loads((tmp_path / "stability.json").read_text())
+    report = json.loads((tmp_path / "stability-centroids.json").read_text())
     assert report["varies"] == "centroids"
     # TopK with a random init has no centroids: its runs are those of a seed study
     assert set(report["variants"]) == {"ra", "topk-centroid-init", "ra-no-projection"}
     for variant in report["variants"]:
-        names = [json.loads((tmp_path / variant / f"run{i}" / "config.json").read_text())["centroids"]["name"]
-                 for i in range(2)]
+        assert report["variants"][variant]["runs"] == ["run0", "run1-centroids1"]
+        names = [json.loads((tmp_path / variant / run / "config.json").read_text())["centroids"]["name"]
+                 for run in ("run0", "run1-centroids1")]
         assert names == ["k64-seed0-all-heldout0.1s0", "k64-seed1-all-heldout0.1s0"]
     res = cli("stability-study", fit_store, "--sae", "ra", "--out", tmp_path / "b", "--vary", "centroids",
               "--centroids", "k64-seed0-all-heldout0.1s0", "--concepts", 32)
     assert res.exit_code == 2 and "leave --centroids out" in res.output
+
+
+def test_studies_in_one_folder_share_their_identical_runs(fit_store, tmp_path):
+    args = ["--sae", "ra", "--out", tmp_path, "--seeds", 2, "--concepts", 32, "--top-k", 4,
+            "--n-centroids", 64, "--epochs", 1, "--batch-size", 256]
+    assert cli("stability-study", fit_store, *args).exit_code == 0
+    first = {v: (tmp_path / v / "run0" / "model.safetensors").stat().st_mtime_ns
+             for v in ("ra", "topk-centroid-init", "ra-no-projection")}
+    res = cli("stability-study", fit_store, *args, "--vary", "centroids")
+    assert res.exit_code == 0, res.output
+    # run 0 across centroid sets is run 0 across seeds: reused, not fitted again
+    assert first == {v: (tmp_path / v / "run0" / "model.safetensors").stat().st_mtime_ns for v in first}
+    seeds = json.loads((tmp_path / "stability-seed.json").read_text())["variants"]
+    sets = json.loads((tmp_path / "stability-centroids.json").read_text())["variants"]
+    assert seeds["ra"]["heldout_r2"][0] == sets["ra"]["heldout_r2"][0]
+    assert seeds["ra"]["heldout_r2"][1] != sets["ra"]["heldout_r2"][1]
+    res = cli("report", "--out", tmp_path / "report", "--study", tmp_path)
+    assert res.exit_code == 0, res.output
+    methods = {m["method"]: m for m in json.loads((tmp_path / "report" / "report.json").read_text())["methods"]}
+    assert "stability_seeds" in methods["ra"] and "stability_centroids" in methods["ra"]
+    assert methods["topk"].get("stability_centroids") is None
