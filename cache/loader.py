@@ -69,6 +69,7 @@ class TokenStore:
         self.quantisation = None if quant is None else tuple(torch.from_numpy(a) for a in quant)
         self.shuffle_tokens, self.threads, self.prefetch = shuffle_tokens, threads, prefetch
         self._tokens = self.store.tokens
+        self._local = threading.local()
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Stored values (a raw batch, on any device) -> float32 activations, not standardised."""
@@ -88,21 +89,32 @@ class TokenStore:
     def _read_unit(self, unit: int, out: np.ndarray | None) -> np.ndarray:
         start, stop = self.store.unit_bounds(unit)
         images = self.unit_images[unit]
-        whole = len(images) == stop - start and len(self.positions) == self.store.n_tokens
-        if whole and out is not None:  # decode straight into the caller's buffer
+        all_positions = len(self.positions) == self.store.n_tokens
+        if out is None:
+            chunk = self._tokens[start:stop]
+            chunk = chunk[images] if len(images) < stop - start else chunk
+            return (chunk if all_positions else chunk[:, self.positions]).reshape(-1, self.d)
+        if all_positions and len(images) == stop - start:  # decode straight into the caller's buffer
             view = out.reshape(stop - start, self.store.n_tokens, self.d)
             self._tokens.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(view))
             return out
-        chunk = self._tokens[start:stop]
-        if len(images) < stop - start:
-            chunk = chunk[images]
-        if len(self.positions) < self.store.n_tokens:
-            chunk = chunk[:, self.positions]
-        rows = chunk.reshape(-1, self.d)
-        if out is None:
-            return rows
-        out[...] = rows
+        # else into this thread's scratch, then the selected images into the caller's buffer:
+        # fresh memory for each unit costs more than decoding it
+        chunk = self._scratch()[: stop - start]
+        self._tokens.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(chunk))
+        if all_positions:
+            np.take(chunk, images, axis=0, out=out.reshape(len(images), -1, self.d), mode="clip")
+        else:
+            out[...] = chunk[np.ix_(images, self.positions)].reshape(-1, self.d)
         return out
+
+    def _scratch(self) -> np.ndarray:
+        """A unit-sized buffer per reading thread, reused from unit to unit."""
+        local = self._local
+        if not hasattr(local, "scratch"):
+            local.scratch = np.empty((self.store.chunk_images, self.store.n_tokens, self.d),
+                                     self.store.attrs["dtype"])
+        return local.scratch
 
     def sample(self, n: int, seed: int = 0, progress: bool = False) -> np.ndarray:
         """A uniform sample of min(n, n_tokens) rows (float32, standardised if the loader is):

@@ -153,10 +153,13 @@ def write_markdown(report: dict, out: Path, plots: dict[str, str]) -> None:
         md += _table(["method", "concepts"] + [LABELS[k] for k in HEADLINE],
                      [[r["description"], r.get("concepts")] + [r[k] for k in HEADLINE]
                       for r in report["methods"]])
-        md += ["", "Stability standard deviations across pairs:", ""]
-        md += _table(["method"] + [f"sd ({LABELS[k][len('stability ('):-1]})" for k in STABILITY],
-                     [[r["description"]] + [r.get(k + "_sd") for k in STABILITY]
-                      for r in report["methods"]])
+        if any(r.get(k + "_sd") is not None for r in report["methods"] for k in STABILITY):
+            md += ["", "Stability standard deviations across pairs:", ""]
+            md += _table(["method"] + [f"sd ({LABELS[k][len('stability ('):-1]})" for k in STABILITY],
+                         [[r["description"]] + [r.get(k + "_sd") for k in STABILITY]
+                          for r in report["methods"]])
+        else:
+            md += ["", "Each stability is of one pair of runs: no standard deviation (3 runs or more give one).", ""]
         kinds = [k for k in next(iter(report["methods"]))["metrics"] if k != "all"]
         if kinds:
             md += ["", "## R^2 by token kind", ""]

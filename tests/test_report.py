@@ -34,6 +34,7 @@ def test_report_tables_match_report_json(fit_store, tmp_path):
                      "semi_nmf"]
     rows = table_rows(md, "## Headline")
     assert len(rows) == len(names)
+    assert "one pair of runs: no standard deviation" in md and "deviations across pairs" not in md
     for row, method in zip(rows, report["methods"]):
         for cell, key in zip(row[2:], HEADLINE):
             value = method[key]
