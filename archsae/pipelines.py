@@ -94,6 +94,7 @@ def run_plausibility(model: str, weights: str, out, store=None, sizes=None,
     out = Path(out)
     backbone = build_backbone(model, weights)
     rows, mapping = head_rows(backbone.model)  # refuse a headless backbone before any work
+
     def check(opened):  # before any fit
         _check_plausibility_store(opened, model, backbone.weights, rows.shape[1])
         return opened
