@@ -109,7 +109,7 @@ def run_plausibility(model: str, weights: str, out, store=None, sizes=None,
         report["rows"].append({"sae": sae.name, "concepts": sae.concepts, "fit": str(run),
                                "delta": sae.delta if sae.dictionary == "archetypal" else None,
                                "plausibility": plausibility(rows, trained.dictionary.weight(), trained.input_std)})
-    std = load(fits[0]).input_std
+    std = trained.input_std  # the chance level's scale (the fits' stores are of one model)
     for size in sorted({row["concepts"] for row in report["rows"]}):
         report["rows"].append({"sae": "random atoms", "concepts": size, "delta": None, "fit": None,
                                "plausibility": random_plausibility(rows, size, std)})
