@@ -3,11 +3,13 @@
 An epoch is fixed by (seed, epoch) alone: the order of the units is permuted, consecutive units
 are grouped into shuffle windows of about `shuffle_tokens` tokens, and each window's tokens are
 permuted. Batches are consecutive slices of that stream, so batch `b` of an epoch can be
-reached without reading what comes before it (exact resume). Chunk reads and decompression run
-in a thread pool, batch assembly and standardisation in a producer thread; the caller only
-takes finished float32 tensors off a queue.
+reached without reading what comes before it (exact resume). A window's chunks are read and
+decompressed concurrently in zarr's event loop while the window before it is served; batch
+assembly and standardisation run in a producer thread; the caller only takes finished tensors
+off a queue.
 """
 
+import asyncio
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -15,8 +17,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import zarr
 from tqdm import tqdm
 from zarr.core.buffer.cpu import NDBuffer
+from zarr.core.sync import sync
 
 from archsae.errors import UserError
 from archsae.cache.quantise import dequantise
@@ -33,7 +37,7 @@ class TokenStore:
     `subset` < 1 keeps that fraction of the training images, drawn with `subset_seed`."""
 
     def __init__(self, store, tokens: str = "all", part: str = "train", split: Split = Split(),
-                 standardize: bool = True, shuffle_tokens: int = 1 << 18, threads: int = 4,
+                 standardize: bool = True, shuffle_tokens: int = 1 << 18,
                  prefetch: int = 8, subset: float = 1.0, subset_seed: int = 0):
         self.store: ActivationStore = store if isinstance(store, ActivationStore) else open_store(store)
         if part not in PARTS:
@@ -67,9 +71,15 @@ class TokenStore:
         self.std = torch.from_numpy(std).float()
         quant = self.store.quantisation  # int8 stores: stored q reads back as offset + scale q
         self.quantisation = None if quant is None else tuple(torch.from_numpy(a) for a in quant)
-        self.shuffle_tokens, self.threads, self.prefetch = shuffle_tokens, threads, prefetch
+        self.shuffle_tokens, self.prefetch = shuffle_tokens, prefetch
         self._tokens = self.store.tokens
-        self._local = threading.local()
+        self._unit_rows = np.array([b - a for a, b in map(self.store.unit_bounds, range(self.store.n_units))]
+                                   ) * self.store.n_tokens  # stored rows of each unit
+        # decode whole units in place when at least half of their stored rows are selected
+        self._dense = 2 * self.n_tokens >= self._unit_rows[self.unit_tokens > 0].sum()
+        # window buffers of finished epochs, for the next: fresh memory costs a page fault per
+        # page, which on these machines took 0.06-1.4 s per 400 MB window
+        self._idle_buffers: list[list[np.ndarray]] = []
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Stored values (a raw batch, on any device) -> float32 activations, not standardised."""
@@ -78,43 +88,81 @@ class TokenStore:
     def num_batches(self, batch_size: int, drop_last: bool = True) -> int:
         return self.n_tokens // batch_size if drop_last else -(-self.n_tokens // batch_size)
 
-    def read_unit(self, unit: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read_unit(self, unit: int) -> np.ndarray:
         """The selected tokens of one unit as rows (n, d), in the stored dtype; a chunk that
         fails to read (damaged since it was written) is one error that says how to mend it."""
+        start, stop = self.store.unit_bounds(unit)
         try:
-            return self._read_unit(unit, out)
+            chunk = self._tokens[start:stop]
         except Exception as exc:
             raise self.store.damaged(unit, exc) from None
+        return chunk[self.unit_images[unit]][:, self.positions].reshape(-1, self.d)
 
-    def _read_unit(self, unit: int, out: np.ndarray | None) -> np.ndarray:
-        start, stop = self.store.unit_bounds(unit)
-        images = self.unit_images[unit]
-        all_positions = len(self.positions) == self.store.n_tokens
-        if out is None:
-            chunk = self._tokens[start:stop]
-            chunk = chunk[images] if len(images) < stop - start else chunk
-            return (chunk if all_positions else chunk[:, self.positions]).reshape(-1, self.d)
-        if all_positions and len(images) == stop - start:  # decode straight into the caller's buffer
-            view = out.reshape(stop - start, self.store.n_tokens, self.d)
-            self._tokens.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(view))
-            return out
-        # else into this thread's scratch, then the selected images into the caller's buffer:
-        # fresh memory for each unit costs more than decoding it
-        chunk = self._scratch()[: stop - start]
-        self._tokens.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(chunk))
-        if all_positions:
-            np.take(chunk, images, axis=0, out=out.reshape(len(images), -1, self.d), mode="clip")
-        else:
-            out[...] = chunk[np.ix_(images, self.positions)].reshape(-1, self.d)
-        return out
+    def _decode(self, units: np.ndarray, out: np.ndarray) -> None:
+        """Decode whole units into consecutive slices of `out` (rows, d) with one call into
+        zarr's event loop, which decodes them concurrently as a whole-array read does (a call
+        per unit from a thread pool ran at 60% of that rate), `_per_call` at a time."""
+        bounds = [self.store.unit_bounds(u) for u in units]
+        ends = np.cumsum(self._unit_rows[units])
+        views = np.split(out[: ends[-1]], ends[:-1])
+        array = self._tokens.async_array
+        limit = asyncio.Semaphore(self._per_call)
 
-    def _scratch(self) -> np.ndarray:
-        """A unit-sized buffer per reading thread, reused from unit to unit."""
-        local = self._local
-        if not hasattr(local, "scratch"):
-            local.scratch = np.empty((self.store.chunk_images, self.store.n_tokens, self.d),
-                                     self.store.attrs["dtype"])
-        return local.scratch
+        async def one(unit, bound, view):
+            async with limit:
+                try:
+                    await array.get_orthogonal_selection((slice(*bound),), out=NDBuffer.from_numpy_array(
+                        view.reshape(bound[1] - bound[0], self.store.n_tokens, self.d)))
+                except Exception as exc:
+                    raise self.store.damaged(unit, exc) from None
+
+        async def all_units():
+            await asyncio.gather(*(one(*a) for a in zip(units, bounds, views)))
+
+        sync(all_units())
+
+    @property
+    def _per_call(self) -> int:
+        """Units decoded at once: zarr's own limit on concurrent chunk reads."""
+        return zarr.config.get("async.concurrency")
+
+    def _selected_rows(self, units: np.ndarray) -> np.ndarray:
+        """Where the selected tokens of `units` lie among their stored rows, decoded one after
+        the other: image-major, in stored order."""
+        offsets = np.cumsum(self._unit_rows[units]) - self._unit_rows[units]
+        t = self.store.n_tokens
+        return np.concatenate([(offset + self.unit_images[u][:, None] * t + self.positions).ravel()
+                               for u, offset in zip(units, offsets)])
+
+    def _load(self, window: np.ndarray, space: np.ndarray,
+              scratch: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The units of a window decoded: (buffer, rows of its selected tokens in the buffer).
+        When most stored tokens are selected (all tokens or patches; the train split leaves
+        out only held-out images), whole units are decoded in place and the rows skip the rest:
+        the batch gather is the only copy. Otherwise (CLS or register tokens), a few units at a
+        time are decoded into a scratch buffer and their selected rows copied out."""
+        if self._dense:
+            self._decode(window, space)
+            return space, self._selected_rows(window)
+        got = 0
+        for i in range(0, len(window), self._per_call):
+            units = window[i:i + self._per_call]
+            self._decode(units, scratch)
+            rows = self._selected_rows(units)
+            np.take(scratch, rows, axis=0, out=space[got:got + len(rows)], mode="clip")
+            got += len(rows)
+        return space, np.arange(got)
+
+    def _window_buffers(self, rows: int) -> list[np.ndarray]:
+        """Two window buffers of at least `rows` rows (one served, one loading), and a scratch
+        buffer when windows are compacted: an idle set if one is large enough, else new."""
+        while self._idle_buffers:
+            buffers = self._idle_buffers.pop()
+            if len(buffers[0]) >= rows:
+                return buffers
+        stored = self.store.attrs["dtype"]
+        scratch = [] if self._dense else [np.empty((self._per_call * self._unit_rows.max(), self.d), stored)]
+        return [np.empty((rows, self.d), stored) for _ in range(2)] + scratch
 
     def sample(self, n: int, seed: int = 0, progress: bool = False) -> np.ndarray:
         """A uniform sample of min(n, n_tokens) rows (float32, standardised if the loader is):
@@ -187,11 +235,12 @@ class TokenStore:
         pin = raw and torch.cuda.is_available()
         index, parts = part
 
-        def take(buf: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        def take(buf: np.ndarray, rows: np.ndarray, to_emit: bool = False) -> torch.Tensor:
             # numpy's single-threaded gather: with the cores busy (a CPU fit's step), torch's
             # parallel index_select of float16 / int8 rows ran 3-8x slower (as fast when idle);
             # mode="clip" writes straight into `into` (rows are a permutation's: in range)
-            into = torch.empty((len(rows), self.d), dtype=dtype, pin_memory=pin)
+            into = (gathered[:len(rows)] if to_emit and gathered is not None else
+                    torch.empty((len(rows), self.d), dtype=dtype, pin_memory=pin))
             np.take(buf, rows, axis=0, out=into.numpy(), mode="clip")
             return into
 
@@ -213,31 +262,27 @@ class TokenStore:
                     pass
             return False
 
-        def load(window, space):
-            buf = space[: self.unit_tokens[window].sum()]
-            bounds = np.concatenate([[0], np.cumsum(self.unit_tokens[window])])
-            jobs = [pool.submit(self.read_unit, u, buf[a:b]) for u, a, b in zip(window, bounds, bounds[1:])]
-            return buf, jobs
-
         # standardised = (decoded - mean) / std, with an int8 store's affine decode folded in
         q_scale, q_offset = self.quantisation or (torch.ones(self.d), torch.zeros(self.d))
         scale = q_scale / self.std
         shift = (q_offset - self.mean) / self.std
-        largest = max(self.unit_tokens[w].sum() for w in windows)
-        spaces = [np.empty((largest, self.d), self.store.attrs["dtype"]) for _ in range(2)]
+        largest = max((self._unit_rows if self._dense else self.unit_tokens)[w].sum() for w in windows)
+        buffers = self._window_buffers(largest)
+        spaces, scratch = buffers[:2], buffers[2] if len(buffers) > 2 else None
         dtype = torch.from_numpy(spaces[0][:0]).dtype
+        # standardising makes a new tensor of a batch at once, so its rows are gathered into one
+        # reused buffer: a fresh one per batch cost more page faults than the gather itself
+        gathered = torch.empty((batch_size, self.d), dtype=dtype) if self.standardize and not raw else None
         try:
-            with ThreadPoolExecutor(self.threads) as pool:
+            with ThreadPoolExecutor(1) as reader:
                 pending = None  # the rows of a batch that straddles two windows
-                ahead = load(windows[first], spaces[first % 2])
+                ahead = reader.submit(self._load, windows[first], spaces[first % 2], scratch)
                 for w in range(first, len(windows)):  # window w+1 loads while w is served
-                    buf, jobs = ahead
+                    buf, selected = ahead.result()
                     if w + 1 < len(windows):
-                        ahead = load(windows[w + 1], spaces[(w + 1) % 2])
-                    for job in jobs:
-                        job.result()
-                    order = (np.random.default_rng([seed, epoch, w]).permutation(len(buf))
-                             if shuffle else np.arange(len(buf)))
+                        ahead = reader.submit(self._load, windows[w + 1], spaces[(w + 1) % 2], scratch)
+                    order = selected[np.random.default_rng([seed, epoch, w]).permutation(len(selected))
+                                     if shuffle else slice(None)]
                     if w == first:
                         order = order[skip:]
                     i = 0
@@ -250,7 +295,7 @@ class TokenStore:
                                 return
                             pending = None
                     while i + batch_size <= len(order):  # only this process's rows are gathered
-                        if not emit(take(buf, mine(order[i:i + batch_size]))):
+                        if not emit(take(buf, mine(order[i:i + batch_size]), to_emit=True)):
                             return
                         i += batch_size
                     if i < len(order):
@@ -261,3 +306,5 @@ class TokenStore:
             out.put(None)
         except BaseException as exc:  # surfaced in the consumer thread
             out.put(exc)
+        finally:
+            self._idle_buffers.append(buffers)

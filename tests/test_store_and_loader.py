@@ -102,6 +102,33 @@ def test_loader_epoch_is_a_permutation_of_standardised_tokens(tmp_path):
     np.testing.assert_allclose(got.std(0), 1, atol=1e-4)
 
 
+@pytest.mark.parametrize("tokens", ["all", "patch", "cls"])
+def test_train_epoch_is_the_train_images_tokens(tmp_path, tokens):
+    """Units decoded whole with the held-out images' rows skipped (most tokens selected) or
+    compacted a few units at a time (CLS, register): the same stream, every selected token once."""
+    store, x = make_store(tmp_path / "s", n=47, errors={9})
+    expected = None
+    for dense in (True, False):
+        loader = TokenStore(store, tokens=tokens, part="train", split=Split(0.3), standardize=False,
+                            shuffle_tokens=30)
+        loader._dense = dense
+        if expected is None:
+            images = loader.image_mask & (np.arange(47) != 9)
+            expected = x[images][:, store.positions(tokens)].reshape(-1, x.shape[-1])
+        epochs = [torch.cat(list(loader.batches(8, seed=1, epoch=e, drop_last=False))).numpy()
+                  for e in (0, 1, 0)]  # the later epochs reuse the first one's buffers
+        np.testing.assert_array_equal(epochs[0], epochs[2])
+        for got in epochs[:2]:
+            assert len(got) == len(expected) == loader.n_tokens
+            np.testing.assert_array_equal(np.unique(got, axis=0), np.unique(expected, axis=0))
+        if dense:
+            stream = epochs[0]
+        else:
+            np.testing.assert_array_equal(epochs[0], stream)
+    assert TokenStore(store, tokens="all", part="train")._dense
+    assert not TokenStore(store, tokens="cls", part="train")._dense
+
+
 def test_raw_batches_are_the_stored_values_of_the_same_stream(tmp_path):
     store, _ = make_store(tmp_path / "s", n=30)
     loader = TokenStore(store, part="train", shuffle_tokens=40)
