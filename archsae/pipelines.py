@@ -13,7 +13,7 @@ import torch
 
 from archsae.cache import is_store, open_store
 from archsae.errors import UserError
-from archsae.evaluate.identifiability import ARCHETYPAL, METHODS, POINTS_PER_CENTROID, score_methods
+from archsae.evaluate.identifiability import ARCHETYPAL, METHODS, score_methods
 from archsae.evaluate.plausibility import head_rows, plausibility, random_plausibility
 from archsae.evaluate.study import stability_study
 from archsae.extract.collages import (OBJECT_SETS, PER_COLLAGE, bundled_objects, collage_objects,
@@ -58,9 +58,9 @@ def run_identifiability(model: str, weights: str, out, n_collages: int = 4000, o
     sets = ({Path(objects_dir).name: folder_objects(objects_dir)} if objects_dir else
             {name: bundled_objects(name) for name in OBJECT_SETS})
     for name, objects in sets.items():  # check before any image is made
-        if set(methods) & set(ARCHETYPAL) and (n_collages // 2) // POINTS_PER_CENTROID < len(objects):
+        if set(methods) & set(ARCHETYPAL) and n_collages // 2 < len(objects):
             raise UserError(f"{n_collages} collages are too few for {len(objects)} archetypes "
-                            f"({name}): use at least {2 * POINTS_PER_CENTROID * len(objects)}")
+                            f"({name}): use at least {2 * len(objects)}")
     report = {"model": model, "collages_per_set": n_collages, "split": "half train, half test",
               "per_collage": PER_COLLAGE, "seeds": seeds, "epochs": epochs, "sets": {}}
     for name, objects in sets.items():
