@@ -235,12 +235,12 @@ class TokenStore:
         pin = raw and torch.cuda.is_available()
         index, parts = part
 
-        def take(buf: np.ndarray, rows: np.ndarray, to_emit: bool = False) -> torch.Tensor:
+        def take(buf: np.ndarray, rows: np.ndarray, into: torch.Tensor | None = None) -> torch.Tensor:
             # numpy's single-threaded gather: with the cores busy (a CPU fit's step), torch's
             # parallel index_select of float16 / int8 rows ran 3-8x slower (as fast when idle);
             # mode="clip" writes straight into `into` (rows are a permutation's: in range)
-            into = (gathered[:len(rows)] if to_emit and gathered is not None else
-                    torch.empty((len(rows), self.d), dtype=dtype, pin_memory=pin))
+            into = (torch.empty((len(rows), self.d), dtype=dtype, pin_memory=pin) if into is None
+                    else into[:len(rows)])
             np.take(buf, rows, axis=0, out=into.numpy(), mode="clip")
             return into
 
@@ -295,7 +295,7 @@ class TokenStore:
                                 return
                             pending = None
                     while i + batch_size <= len(order):  # only this process's rows are gathered
-                        if not emit(take(buf, mine(order[i:i + batch_size]), to_emit=True)):
+                        if not emit(take(buf, mine(order[i:i + batch_size]), gathered)):
                             return
                         i += batch_size
                     if i < len(order):
