@@ -27,19 +27,22 @@ from benchmarks.common import PAPER_D, PAPER_TOKENS, paper_store, result
 HELDOUT_TOKENS = PAPER_TOKENS // 10  # the default held-out split (10% of images)
 GPU_FLOPS = 50e12  # sustained float32 matmul of one H100/H200 (about 75% of its 67 TFLOP/s peak)
 KINDS = 3  # CLS, register, patch: one co-firing tally each
+SIZES = "10240,32000"  # ResNet50's 10,240 concepts; 32,000 (archetypes drawn from all centroids)
+TARGET_MINUTES, TARGET_GB = 30, 16  # one evaluation at 32,000 concepts on one GPU
 
 
 def parse_args():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="10240,32000")
+    ap.add_argument("--sizes", default=SIZES)
     ap.add_argument("--images", type=int, default=8, help="images in the store (half held out)")
     ap.add_argument("--one", type=int, help="(internal) measure this size in this process")
     ap.add_argument("--store", help="(internal)")
     return ap.parse_args()
 
 
-def measure(concepts: int, store_path: str) -> dict:
-    """Seconds per token and per dictionary, and the peak resident memory, of one evaluation."""
+def measure(concepts: int, store_path: str, device: str = "cpu", batch_size: int = 512) -> dict:
+    """Seconds per token and per dictionary, and the peak memory (resident on the CPU, allocated
+    on a GPU), of one evaluation of random atoms on `device`."""
     from archsae.cache import Split, open_store
     from archsae.evaluate.metrics import summarise
     from archsae.evaluate.run import evaluate_model
@@ -47,27 +50,30 @@ def measure(concepts: int, store_path: str) -> dict:
 
     store = open_store(store_path)
     top_k = concepts // 10
-    atoms = torch.randn(concepts, store.d, generator=torch.Generator().manual_seed(0))
+    atoms = torch.randn(concepts, store.d, generator=torch.Generator().manual_seed(0)).to(device)
     encoder = unit_rows(atoms).T.contiguous()
 
     def predict(x):
         values, indices = torch.relu(x @ encoder).topk(top_k, dim=-1)
-        z = torch.zeros(len(x), concepts).scatter_(-1, indices, values)
+        z = torch.zeros(len(x), concepts, device=x.device).scatter_(-1, indices, values)
         return z @ atoms, z
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gpu = atoms.is_cuda
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
-    metrics = evaluate_model(store, predict, atoms, lambda x: x, split=Split(0.5, 0), batch_size=512,
-                             progress=False)
+    metrics = evaluate_model(store, predict, atoms, lambda x: x, split=Split(0.5, 0), batch_size=batch_size,
+                             progress=False)  # summarise reads its figures back: the device is done
     total = time.perf_counter() - t
     t = time.perf_counter()
     summarise({}, atoms)  # the per-dictionary part alone: one blocked pass over D D^T
     per_dictionary = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tokens = metrics["all"]["tokens"]
     return {"tokens": tokens, "seconds": total, "per_dictionary": per_dictionary,
-            "per_token": (total - per_dictionary) / tokens,
-            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-            "peak_gb_added": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024 / 1e9}
+            "per_token": (total - per_dictionary) / tokens, "peak_gb": peak / 1e9, "peak_gb_added": (peak - base) / 1e9}
 
 
 def main() -> None:
@@ -95,9 +101,9 @@ def main() -> None:
                   f"peak resident {m['peak_gb']:.1f} GB ({m['peak_gb_added']:.1f} GB for the evaluation); "
                   f"projected to {HELDOUT_TOKENS / 1e6:.1f}M tokens: CPU {cpu_h:.1f} h, one GPU "
                   f"{gpu_min:.1f} min and {gpu_gb:.1f} GB")
-            result(f"evaluate_peak_gb_cpu_{k}", m["peak_gb_added"], "<=", 16)
-            result(f"evaluate_projected_gpu_minutes_{k}", gpu_min, "<=", 30)
-            result(f"evaluate_projected_gpu_gb_{k}", gpu_gb, "<=", 16)
+            result(f"evaluate_peak_gb_cpu_{k}", m["peak_gb_added"], "<=", TARGET_GB)
+            result(f"evaluate_projected_gpu_minutes_{k}", gpu_min, "<=", TARGET_MINUTES)
+            result(f"evaluate_projected_gpu_gb_{k}", gpu_gb, "<=", TARGET_GB)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
   time of one epoch over the paper's 334M tokens (DINOv2 over ImageNet-1k);
 - K-means seconds per iteration at 32,000 centroids (`archsae centroids`; faiss on the GPU when
   its build has GPU support, and it says which), with the time projected to 8.2M tokens;
+- `archsae evaluate`'s pass at 32,000 random concepts on the GPU (three token kinds in one pass)
+  over half the store, its peak GPU memory and its time projected to the paper's held-out split;
 - extraction images/s of a DINOv2-shaped ViT-B/14 (random weights: speed and error only) in
   bf16 and fp16 autocast against float32 (`archsae extract --precision`), and the error of the
   16-bit tokens against the float32 ones (1 - R^2).
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import PAPER_D, PAPER_TOKENS, PAPER_TOKENS_PER_IMAGE, paper_store, result
+from benchmarks.evaluate_scale import HELDOUT_TOKENS, SIZES, TARGET_GB, TARGET_MINUTES, measure
 
 PAPER_CONCEPTS, PAPER_CENTROIDS, PAPER_BATCH = 3840, 32000, 4096
 PAPER_KMEANS_TOKENS = 256 * PAPER_CENTROIDS  # faiss's cap per centroid, our default sample
@@ -72,6 +75,15 @@ def steps_per_s(store_path: Path, work: Path, sae: str, centroids: str, args) ->
     first, last = rows[0], rows[-1]
     t = [r["step"] * PAPER_BATCH / r["tokens_per_s"] for r in (first, last)]
     return (last["step"] - first["step"]) / (t[1] - t[0])
+
+
+def evaluation(store_path: Path, device: str) -> dict:
+    """The largest of `benchmarks.evaluate_scale`'s sizes, measured on the GPU at evaluate's
+    default batch (4,096), projected to the paper's held-out split."""
+    concepts = max(int(k) for k in SIZES.split(","))
+    m = measure(concepts, str(store_path), device=device, batch_size=4096)
+    return {**m, "concepts": concepts,
+            "minutes_paper": (m["per_token"] * HELDOUT_TOKENS + m["per_dictionary"]) / 60}
 
 
 def extraction(args, work: Path) -> dict:
@@ -125,6 +137,11 @@ def main() -> None:
               f"{'the GPU' if km['gpu'] else 'the CPU (no GPU build of faiss here)'}: "
               f"{km['s_per_iter']:.2f} s per iteration, {km['s_per_iter_paper']:.1f} s at 8.2M tokens")
         rates = {sae: steps_per_s(work / "store", work, sae, km["name"], args) for sae in ("topk", "ra")}
+        ev = evaluation(work / "store", args.device)
+        print(f"evaluate {ev['concepts']} concepts: {ev['tokens']} tokens in {ev['seconds']:.1f} s "
+              f"({ev['per_token'] * 1e6:.1f} us per token, {ev['per_dictionary']:.1f} s per dictionary), "
+              f"peak GPU memory {ev['peak_gb']:.1f} GB; {HELDOUT_TOKENS / 1e6:.1f}M tokens in "
+              f"{ev['minutes_paper']:.1f} min")
         ext = extraction(args, work)
     epoch_min = {sae: PAPER_TOKENS / PAPER_BATCH / r / 60 for sae, r in rates.items()}
     for sae, r in rates.items():
@@ -137,6 +154,8 @@ def main() -> None:
     result("gpu_ra_steps_per_s", rates["ra"], ">=", 272)
     result("gpu_ra_epoch_minutes", epoch_min["ra"], "<=", 5)
     result("gpu_ra_over_topk_step", rates["topk"] / rates["ra"], "<=", 1.5)
+    result(f"gpu_evaluate_minutes_{ev['concepts']}", ev["minutes_paper"], "<=", TARGET_MINUTES)
+    result(f"gpu_evaluate_peak_gb_{ev['concepts']}", ev["peak_gb"], "<=", TARGET_GB)
     result("gpu_kmeans_s_per_iter_32k_8m_tokens", km["s_per_iter_paper"], "<=", 9)
     result("gpu_extract_forward_bf16_over_fp32", ext["bfloat16"]["forward"] / ext["float32"]["forward"], ">=", 1.5)
     result("gpu_extract_bf16_over_fp32", ext["bfloat16"]["extract"] / ext["float32"]["extract"], ">=", 1.0)

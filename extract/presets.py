@@ -73,7 +73,7 @@ class Backbone:
         """Probe once: (kind code per token position, patch grid, d, pooled d)."""
         size = self.data_config["input_size"]
         with torch.inference_mode():
-            raw, final = self._forward(torch.zeros(1, *size))
+            raw, final = self._forward(torch.zeros(1, *size, device=next(self.model.parameters()).device))
             tokens = _as_token_rows(raw, self.model)
             pooled = self.model.forward_head(final, pre_logits=True)
         n_tokens, d = tokens.shape[1:]

@@ -4,6 +4,9 @@
 import torch
 
 
+GPU_SORT_WIDTH = 4096  # torch sorts rows up to this wide in one pass on CUDA (in shared memory)
+
+
 def _threshold_of_sorted(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(tau, support mask) from rows sorted in descending order (Held et al.; Duchi et al.)."""
     css = u.cumsum(dim=-1).sub_(1.0)
@@ -27,10 +30,12 @@ def simplex_threshold(w: torch.Tensor, candidates: int = 64) -> torch.Tensor:
     Only the entries above tau matter, so it comes from a partial sort: the top `candidates`
     of each row give tau exactly when the support is smaller, and otherwise a lower bound (any
     subset S gives (sum_S w - 1) / |S| <= tau); the entries above that bound settle tau
-    (`_threshold_above`). On a GPU, tau rises from the bound by `refine_threshold` instead,
-    without asking which rows are wide.
+    (`_threshold_above`). On a GPU, rows up to `GPU_SORT_WIDTH` wide (W on its candidate
+    centroids) are sorted whole: one kernel, where a partial sort and a refinement launch dozens
+    (the host's launches bound a GPU step); wider rows' tau rises from the bound by
+    `refine_threshold`, without asking which rows are wide.
     """
-    if w.shape[-1] <= 2 * candidates:
+    if w.shape[-1] <= 2 * candidates or (w.is_cuda and w.shape[-1] <= GPU_SORT_WIDTH):
         return _threshold_of_sorted(torch.sort(w, dim=-1, descending=True).values)[0]
     tau, support = _threshold_of_sorted(w.topk(candidates, dim=-1).values)
     if w.is_cuda:  # asking which rows are wide would make the host wait for the device

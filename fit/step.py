@@ -6,7 +6,9 @@ Dead codes: AuxK (Gao et al. 2024) for every encoder. The codes that have not fi
 `dead_tokens` tokens reconstruct the residual error through their own top-k_aux, which gives
 them gradient without changing the main objective; it is the standard remedy for TopK SAEs
 and, unlike the reference library's "reanimation" term, it does not push dead codes to fire
-regardless of whether firing helps the reconstruction.
+regardless of whether firing helps the reconstruction. Whether any code is dead is read from
+the device every `DEAD_CHECK_EVERY` steps, and AuxK runs until the next read only if one was: with
+no dead code its loss and gradient are zero, and its second top-k costs as much as the encoder's.
 """
 
 import math
@@ -24,6 +26,9 @@ from archsae.ranks import Ranks
 # Checkpoint key -> the archetypal dictionary's running sums of dL/d(W C): since W's update,
 # since its candidates' choice
 RUNNING_SUMS = (("hull_grad", "hull_grad_sum"), ("candidate_grad", "candidate_grad_sum"))
+# Steps between reads of "is any code dead?": each read waits for the device (on a GPU the
+# host's launches run ahead of it otherwise); a code that dies waits at most this long for AuxK
+DEAD_CHECK_EVERY = 64
 
 
 def lr_factor(step: int, total: int, warmup: float, final: float) -> float:
@@ -79,11 +84,13 @@ class TrainingStep:
         self.warmup = cfg.warmup_for(sae)
         self.step = 0
         self.hull_steps = 0  # steps whose dL/d(W C) the archetypal hull has summed since W's update
+        self.any_dead = True  # at the last read (AuxK runs until a read says no code is dead)
         self.penalty_coef = torch.tensor(1e-2, dtype=torch.float64, device=device)
         self.silent_tokens = torch.zeros(sae.concepts, dtype=torch.int64, device=device)
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimiser step on a batch of standardised tokens; returns its metrics (tensors)."""
+    def __call__(self, x: torch.Tensor, metrics: bool = True) -> dict[str, torch.Tensor]:
+        """One optimiser step on a batch of standardised tokens; returns its metrics (tensors),
+        or {} without `metrics` (a dozen kernels fewer: on a GPU the host's launches bound a step)."""
         s, cfg, model = self.sae, self.cfg, self.model
         for group, (base, final) in zip(self.optimizer.param_groups, self.schedules):
             group["lr"] = base * lr_factor(self.step, self.total_steps, self.warmup, final)
@@ -95,16 +102,19 @@ class TrainingStep:
             err = (x_hat.float() - x)
             mse = err.pow(2).sum(-1).mean() / s.d  # 1 - R^2 for standardised data, roughly
             loss = mse
-            l0 = codes.l0()
+            l0 = codes.l0() if metrics or model.encoder.penalised else None
             if model.encoder.penalised:
                 penalty = model.encoder.penalty(pre, codes, atoms.norm(dim=-1)) / s.top_k
                 loss = loss + self.penalty_coef.float() * penalty
             dead = self.silent_tokens >= cfg.dead_tokens
-            aux = torch.zeros((), device=x.device)
+            aux = None
             batch = len(x) * self.ranks.world
             if self.step * batch >= cfg.dead_tokens:  # before that no code can be dead yet
-                aux = self._aux_loss(pre, atoms, err.detach(), dead)
-                loss = loss + cfg.aux_alpha * aux
+                if self.step % DEAD_CHECK_EVERY == 0:
+                    self.any_dead = bool(dead.any())
+                if self.any_dead:
+                    aux = self._aux_loss(pre, atoms, err.detach(), dead)
+                    loss = loss + cfg.aux_alpha * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.ranks.world > 1:
@@ -134,11 +144,15 @@ class TrainingStep:
             if model.encoder.penalised:  # steer the penalty towards the target L0
                 ratio = (l0.double() / s.top_k - 1.0).clamp(-1.0, 1.0)
                 self.penalty_coef = (self.penalty_coef * torch.exp(0.01 * ratio)).clamp(1e-6, 1e3)
+        self.step += 1
+        if not metrics:
+            return {}
+        with torch.no_grad():
             centred = x - x.mean(0)
             r2 = 1.0 - err.pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12)
-        self.step += 1
         return {"loss": loss.detach(), "mse": mse.detach(), "r2": r2, "l0": l0,
-                "penalty_coef": self.penalty_coef, "dead": dead.float().mean(), "aux": aux.detach()}
+                "penalty_coef": self.penalty_coef, "dead": dead.float().mean(),
+                "aux": aux.detach() if aux is not None else torch.zeros((), device=x.device)}
 
     def _follow_candidates(self, old: torch.Tensor) -> None:
         """Adam's state of W onto its new candidate centroids: kept where a column stays; a new
@@ -169,7 +183,7 @@ class TrainingStep:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """What a checkpoint needs besides the model and optimizer to resume this exact run."""
         tensors = {"silent_tokens": self.silent_tokens, "penalty_coef": self.penalty_coef,
-                   "hull_steps": torch.tensor(self.hull_steps)}
+                   "hull_steps": torch.tensor(self.hull_steps), "any_dead": torch.tensor(self.any_dead)}
         for key, name in RUNNING_SUMS:
             pending = getattr(self.model.dictionary, name, None)
             if pending is not None:
@@ -180,15 +194,16 @@ class TrainingStep:
         self.silent_tokens = tensors["silent_tokens"].to(self.device)
         self.penalty_coef = tensors["penalty_coef"].to(self.device)
         self.hull_steps = int(tensors.get("hull_steps", 0))
+        self.any_dead = bool(tensors.get("any_dead", True))
         for key, name in RUNNING_SUMS:
             if key in tensors:
                 setattr(self.model.dictionary, name, tensors[key].to(self.device))
 
     def _aux_loss(self, pre, atoms, residual, dead):
         """AuxK: the dead codes' own top-k reconstructs the main reconstruction's error. Without
-        asking the device whether any code is dead (that would wait for it): entries that are
-        not dead are selected as relu(-inf) = 0, which gives them no gradient, and the loss is
-        zeroed when no code is dead, so it adds nothing then."""
+        asking the device which codes are dead (that would wait for it): entries that are not
+        dead are selected as relu(-inf) = 0, which gives them no gradient, and the loss is
+        zeroed when no code is dead (revived since the last read), so it adds nothing then."""
         k_aux = min(self.sae.concepts, self.cfg.aux_k or 2 * self.sae.top_k)
         masked = pre.masked_fill(~dead, float("-inf"))
         values, indices = masked.topk(k_aux, dim=-1)

@@ -122,10 +122,11 @@ class Trainer:
             for x in self.loader.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start, raw=raw,
                                          part=part):
                 x = x.to(self.device, non_blocking=True)
-                row = learner(learner.model.standardise(self.loader.decode(x)) if raw else x)
+                logged = (learner.step + 1) % cfg.log_every == 0 or learner.step + 1 == self.total_steps
+                row = learner(learner.model.standardise(self.loader.decode(x)) if raw else x, metrics=logged)
                 tokens += len(x) * self.ranks.world
                 bar.update(1)
-                if learner.step % cfg.log_every == 0 or learner.step == self.total_steps:
+                if logged:
                     rate = tokens / (time.perf_counter() - t0)
                     row = {"step": learner.step, **{k: float(v) for k, v in row.items()},
                            "lr": learner.optimizer.param_groups[0]["lr"], "epoch": epoch,

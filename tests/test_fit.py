@@ -22,6 +22,7 @@ from archsae.fit.encoders import Codes, TopK
 from archsae.fit.projections import (_threshold_of_sorted, clip_row_norms, project_rows_to_simplex_,
                                     refine_threshold, relu_renormalise_rows)
 from archsae.fit import SAESettings, sae_settings
+from archsae.fit import step as step_module
 from archsae.fit.step import TrainingStep, lr_factor
 from archsae.fit import FitSettings, fit
 from archsae.fit.train import Trainer
@@ -256,6 +257,36 @@ def test_w_every_updates_w_only_at_the_end_of_each_window(store):
     assert changed == [False, False, True, False, False, True]
 
 
+def test_auxk_runs_from_a_read_that_finds_a_dead_code_until_one_that_finds_none(store, monkeypatch):
+    """Which codes are dead is read every DEAD_CHECK_EVERY steps (a wait for the device);
+    AuxK's loss is zero and skipped between reads that found none."""
+    monkeypatch.setattr(step_module, "DEAD_CHECK_EVERY", 4)
+    cfg = FitSettings(batch_size=128, dead_tokens=10**6)
+    learner = TrainingStep(sae_settings("topk", 64, concepts=32, top_k=4), cfg, None, 10**5, torch.device("cpu"))
+    x = torch.from_numpy(TokenStore(store).sample(128, seed=1)).float()
+    learner.step = 8000  # 8,000 x 128 tokens: codes may be dead by now; a read
+    learner.silent_tokens.zero_()
+    assert float(learner(x)["aux"]) == 0 and not learner.any_dead
+    for _ in range(3):  # code 0 dies between reads: not seen until the next one
+        learner.silent_tokens[0] = 10**7
+        assert float(learner(x)["aux"]) == 0 and not learner.any_dead
+    learner.silent_tokens[0] = 10**7
+    assert float(learner(x)["aux"]) > 0 and learner.any_dead and learner.step == 8005
+
+
+def test_a_step_without_metrics_trains_the_same_model(store):
+    points = torch.from_numpy(TokenStore(store).sample(64)).float()
+    x = torch.from_numpy(TokenStore(store).sample(128, seed=1)).float()
+    models = []
+    for metrics in (True, False):
+        learner = TrainingStep(sae_settings("ra", 64, concepts=32, top_k=4), FitSettings(dead_tokens=128), points,
+                               100, torch.device("cpu"))
+        rows = [learner(x, metrics=metrics) for _ in range(5)]
+        assert all(r == {} for r in rows) != metrics
+        models.append(learner.model.state_dict())
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
 def test_w_rate_decays_on_its_own_while_the_others_keep_theirs(store):
     """W: dictionary_lr decayed to dictionary_final_lr x it; encoder and Lambda: final_lr."""
     points = torch.from_numpy(TokenStore(store).sample(64)).float()
@@ -281,14 +312,17 @@ def test_no_projection_control_leaves_the_simplex(store, tmp_path):
 # w_every 5: the cut falls inside a window of W's gradient sum; candidates: refreshed on both sides
 @pytest.mark.parametrize("w_every, candidates", [(1, 0), (5, 0), (1, 8)])
 def test_resume_after_sigterm_equals_an_uninterrupted_fit(store, tmp_path, monkeypatch, w_every, candidates):
-    cfg = FitSettings(**{**FAST, "epochs": 3, "checkpoint_every": 7, "w_every": w_every, "w_refresh": 4})
+    # dead codes read every 5 steps (the cut falls between reads), AuxK on from step 3
+    cfg = FitSettings(**{**FAST, "epochs": 3, "checkpoint_every": 7, "w_every": w_every, "w_refresh": 4,
+                         "dead_tokens": 3 * FAST["batch_size"]})
     sae = small("ra", w_candidates=candidates)
+    monkeypatch.setattr(step_module, "DEAD_CHECK_EVERY", 5)
     fit(store, tmp_path / "ref", sae, cfg, progress=False)
     trainer = Trainer(store, tmp_path / "cut", sae, cfg, progress=False)
     step = TrainingStep.__call__
 
-    def interrupted(self, x):  # a SIGTERM arrives during step 17
-        row = step(self, x)
+    def interrupted(self, x, **kwargs):  # a SIGTERM arrives during step 17
+        row = step(self, x, **kwargs)
         if self.step == 17:
             signal.raise_signal(signal.SIGTERM)
         return row
@@ -297,6 +331,7 @@ def test_resume_after_sigterm_equals_an_uninterrupted_fit(store, tmp_path, monke
     with pytest.raises(SystemExit):
         trainer.run()
     monkeypatch.undo()
+    monkeypatch.setattr(step_module, "DEAD_CHECK_EVERY", 5)
     assert json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["step"] == 17
     fit(store, tmp_path / "cut", sae, cfg, resume=True, progress=False)
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")

@@ -23,6 +23,7 @@ def test_store_kmeans_and_fits_at_small_size(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "PAPER_CENTROIDS", 64)
     monkeypatch.setattr(gpu_check, "PAPER_CONCEPTS", 32)
     monkeypatch.setattr(gpu_check, "PAPER_BATCH", 128)
+    monkeypatch.setattr(gpu_check, "SIZES", "32,64")
     store = gpu_check.paper_store(tmp_path / "store", 8)
     assert store.n_tokens == 261 and store.d == gpu_check.PAPER_D and store.complete
     km = gpu_check.kmeans(tmp_path / "store", niter=2)
@@ -30,3 +31,5 @@ def test_store_kmeans_and_fits_at_small_size(tmp_path, monkeypatch):
     args = type("Args", (), {"device": "cpu"})
     for sae in ("topk", "ra"):
         assert gpu_check.steps_per_s(tmp_path / "store", tmp_path, sae, km["name"], args) > 0
+    ev = gpu_check.evaluation(tmp_path / "store", "cpu")
+    assert ev["concepts"] == 64 and ev["tokens"] > 0 and ev["minutes_paper"] > 0 and ev["peak_gb"] > 0
