@@ -1,6 +1,7 @@
 """Extraction: presets' token layouts, values, resume after SIGKILL, multi-process, bad input."""
 
 import io
+import os
 import signal
 import tarfile
 import time
@@ -175,6 +176,14 @@ def test_resume_after_sigkill_gives_the_same_tokens(reference_store, tmp_path):
     proc = cli_process(*_extract_args(data, out))
     assert proc.wait(timeout=300) == 0, output(proc)
     _assert_same_store(open_store(out), ref)
+
+
+def test_units_written_by_several_threads_equal_one(reference_store, tmp_path, monkeypatch):
+    data, ref = reference_store
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # four writer threads
+    res = cli(*_extract_args(data, tmp_path / "s"))
+    assert res.exit_code == 0, res.output
+    _assert_same_store(open_store(tmp_path / "s"), ref)
 
 
 @pytest.mark.slow
