@@ -394,6 +394,14 @@ def test_too_few_tokens_for_k_says_the_largest_sensible_k(store):
     assert f"largest sensible number is {n_train // 4}" in line and str(n_train) in line
 
 
+def test_centroids_say_where_faiss_ran_and_how_to_move_it_to_a_gpu(store, monkeypatch):
+    res = cli("centroids", store, "--k", 64)
+    assert res.exit_code == 0 and "on the CPU" in res.output and "GPU support" not in res.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU host with faiss-cpu
+    res = cli("centroids", store, "--k", 64)
+    assert res.exit_code == 0 and "this faiss has no GPU support" in res.output and "faiss-gpu" in res.output
+
+
 def test_fewer_centroids_than_concepts(store, tmp_path):
     line = _one_error_line(cli("fit", store, "--sae", "ra", "--out", tmp_path / "f", "--concepts", 100,
                                "--centroids", "k64-seed0-all-heldout0.1s0"))
