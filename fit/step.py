@@ -6,14 +6,16 @@ Dead codes: AuxK (Gao et al. 2024) for every encoder. The codes that have not fi
 `dead_tokens` tokens reconstruct the residual error through their own top-k_aux, which gives
 them gradient without changing the main objective; it is the standard remedy for TopK SAEs
 and, unlike the reference library's "reanimation" term, it does not push dead codes to fire
-regardless of whether firing helps the reconstruction. Whether any code is dead is read from
-the device every `DEAD_CHECK_EVERY` steps, and AuxK runs until the next read only if one was: with
-no dead code its loss and gradient are zero, and its second top-k costs as much as the encoder's.
+regardless of whether firing helps the reconstruction. Which codes are dead is read from the
+device every `DEAD_CHECK_EVERY` steps, and until the next read AuxK runs on those codes alone
+(the ones among them still dead): a few columns of the pre-activations and atoms instead of a
+k-wide top-k, codes and decode, and nothing at all when none was dead.
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 from archsae.errors import UserError
 from archsae.fit.dictionaries import restrict_to_candidates
@@ -84,7 +86,8 @@ class TrainingStep:
         self.warmup = cfg.warmup_for(sae)
         self.step = 0
         self.hull_steps = 0  # steps whose dL/d(W C) the archetypal hull has summed since W's update
-        self.any_dead = True  # at the last read (AuxK runs until a read says no code is dead)
+        # the codes dead at the last read (AuxK's candidates until the next); all before one
+        self.dead_codes = torch.arange(sae.concepts, device=device)
         self.penalty_coef = torch.tensor(1e-2, dtype=torch.float64, device=device)
         self.silent_tokens = torch.zeros(sae.concepts, dtype=torch.int64, device=device)
 
@@ -99,8 +102,9 @@ class TrainingStep:
             pre = model.pre_activations(x)
             codes = model.encoder(pre)
             x_hat = model.decode(codes, atoms)
-            err = (x_hat.float() - x)
-            mse = err.pow(2).sum(-1).mean() / s.d  # 1 - R^2 for standardised data, roughly
+            # mean over tokens of |x - x_hat|^2 / d (1 - R^2 for standardised data, roughly), in
+            # one fused kernel each way rather than a chain of token x feature passes
+            mse = F.mse_loss(x_hat.float(), x)
             loss = mse
             l0 = codes.l0() if metrics or model.encoder.penalised else None
             if model.encoder.penalised:
@@ -111,9 +115,9 @@ class TrainingStep:
             batch = len(x) * self.ranks.world
             if self.step * batch >= cfg.dead_tokens:  # before that no code can be dead yet
                 if self.step % DEAD_CHECK_EVERY == 0:
-                    self.any_dead = bool(dead.any())
-                if self.any_dead:
-                    aux = self._aux_loss(pre, atoms, err.detach(), dead)
+                    self.dead_codes = torch.nonzero(dead).flatten()
+                if len(self.dead_codes):
+                    aux = self._aux_loss(pre, atoms, x.detach() - x_hat.detach().float(), dead)
                     loss = loss + cfg.aux_alpha * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -149,7 +153,7 @@ class TrainingStep:
             return {}
         with torch.no_grad():
             centred = x - x.mean(0)
-            r2 = 1.0 - err.pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12)
+            r2 = 1.0 - mse.detach() * x.numel() / centred.pow(2).sum().clamp_min(1e-12)
         return {"loss": loss.detach(), "mse": mse.detach(), "r2": r2, "l0": l0,
                 "penalty_coef": self.penalty_coef, "dead": dead.float().mean(),
                 "aux": aux.detach() if aux is not None else torch.zeros((), device=x.device)}
@@ -183,7 +187,7 @@ class TrainingStep:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """What a checkpoint needs besides the model and optimizer to resume this exact run."""
         tensors = {"silent_tokens": self.silent_tokens, "penalty_coef": self.penalty_coef,
-                   "hull_steps": torch.tensor(self.hull_steps), "any_dead": torch.tensor(self.any_dead)}
+                   "hull_steps": torch.tensor(self.hull_steps), "dead_codes": self.dead_codes}
         for key, name in RUNNING_SUMS:
             pending = getattr(self.model.dictionary, name, None)
             if pending is not None:
@@ -194,21 +198,24 @@ class TrainingStep:
         self.silent_tokens = tensors["silent_tokens"].to(self.device)
         self.penalty_coef = tensors["penalty_coef"].to(self.device)
         self.hull_steps = int(tensors.get("hull_steps", 0))
-        self.any_dead = bool(tensors.get("any_dead", True))
+        if "dead_codes" in tensors:
+            self.dead_codes = tensors["dead_codes"].to(self.device)
         for key, name in RUNNING_SUMS:
             if key in tensors:
                 setattr(self.model.dictionary, name, tensors[key].to(self.device))
 
     def _aux_loss(self, pre, atoms, residual, dead):
-        """AuxK: the dead codes' own top-k reconstructs the main reconstruction's error. Without
-        asking the device which codes are dead (that would wait for it): entries that are not
-        dead are selected as relu(-inf) = 0, which gives them no gradient, and the loss is
-        zeroed when no code is dead (revived since the last read), so it adds nothing then."""
-        k_aux = min(self.sae.concepts, self.cfg.aux_k or 2 * self.sae.top_k)
-        masked = pre.masked_fill(~dead, float("-inf"))
+        """AuxK: the dead codes' own top-k reconstructs the main reconstruction's error, from the
+        columns of the codes dead at the last read. Without asking the device which of them are
+        dead still (that would wait for it): the others are selected as relu(-inf) = 0, which
+        gives them no gradient, and the loss is zeroed when none is, so it adds nothing then."""
+        columns = self.dead_codes
+        k_aux = min(len(columns), self.cfg.aux_k or 2 * self.sae.top_k)
+        still = dead[columns]
+        masked = pre[:, columns].masked_fill(~still, float("-inf"))
         values, indices = masked.topk(k_aux, dim=-1)
         values = torch.relu(values)
-        dense = torch.zeros_like(pre).scatter(-1, indices, values)
-        aux_hat = self.model.decode(Codes(dense, indices, values), atoms, bias=False)
-        return (aux_hat.float() - residual).pow(2).sum(-1).mean() / self.sae.d * dead.any()
+        dense = torch.zeros_like(masked).scatter(-1, indices, values)
+        aux_hat = self.model.decode(Codes(dense, indices, values), atoms[columns], bias=False)
+        return F.mse_loss(aux_hat.float(), residual) * still.any()
 

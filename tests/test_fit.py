@@ -257,21 +257,41 @@ def test_w_every_updates_w_only_at_the_end_of_each_window(store):
     assert changed == [False, False, True, False, False, True]
 
 
-def test_auxk_runs_from_a_read_that_finds_a_dead_code_until_one_that_finds_none(store, monkeypatch):
-    """Which codes are dead is read every DEAD_CHECK_EVERY steps (a wait for the device);
-    AuxK's loss is zero and skipped between reads that found none."""
+def test_auxk_runs_on_the_codes_dead_at_the_last_read(store, monkeypatch):
+    """Which codes are dead is read every DEAD_CHECK_EVERY steps (a wait for the device); AuxK
+    runs on those until the next read, and not at all when none was."""
     monkeypatch.setattr(step_module, "DEAD_CHECK_EVERY", 4)
     cfg = FitSettings(batch_size=128, dead_tokens=10**6)
     learner = TrainingStep(sae_settings("topk", 64, concepts=32, top_k=4), cfg, None, 10**5, torch.device("cpu"))
     x = torch.from_numpy(TokenStore(store).sample(128, seed=1)).float()
+    assert len(learner.dead_codes) == 32  # before the first read: all candidates
     learner.step = 8000  # 8,000 x 128 tokens: codes may be dead by now; a read
     learner.silent_tokens.zero_()
-    assert float(learner(x)["aux"]) == 0 and not learner.any_dead
-    for _ in range(3):  # code 0 dies between reads: not seen until the next one
-        learner.silent_tokens[0] = 10**7
-        assert float(learner(x)["aux"]) == 0 and not learner.any_dead
-    learner.silent_tokens[0] = 10**7
-    assert float(learner(x)["aux"]) > 0 and learner.any_dead and learner.step == 8005
+    assert float(learner(x)["aux"]) == 0 and len(learner.dead_codes) == 0
+    for _ in range(3):  # code 5 dies between reads: not seen until the next one
+        learner.silent_tokens[5] = 10**7
+        assert float(learner(x)["aux"]) == 0 and len(learner.dead_codes) == 0
+    learner.silent_tokens[5] = 10**7
+    assert float(learner(x)["aux"]) > 0 and learner.dead_codes.tolist() == [5] and learner.step == 8005
+
+
+@pytest.mark.parametrize("n_dead", [1, 5, 20])  # fewer and more than k_aux = 8
+def test_auxk_on_the_dead_columns_equals_auxk_on_all_of_them(store, n_dead):
+    learner = TrainingStep(sae_settings("topk", 64, concepts=32, top_k=4), FitSettings(), None, 10, torch.device("cpu"))
+    x = torch.from_numpy(TokenStore(store).sample(128, seed=1)).float()
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[torch.randperm(32, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
+    residual = torch.randn(128, 64, generator=torch.Generator().manual_seed(1))
+    out = []
+    for columns in (torch.arange(32), torch.nonzero(dead).flatten()):
+        learner.dead_codes = columns
+        atoms = learner.model.dictionary.weight().detach().requires_grad_()
+        pre = learner.model.pre_activations(x).detach().requires_grad_()
+        loss = learner._aux_loss(pre, atoms, residual, dead)
+        loss.backward()
+        out.append((loss.detach(), pre.grad, atoms.grad))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b)
 
 
 def test_a_step_without_metrics_trains_the_same_model(store):
