@@ -238,5 +238,5 @@ def fit_tensor(x: torch.Tensor, sae: SAESettings, cfg: FitSettings, points: torc
     for _ in tqdm(range(cfg.epochs), unit="epoch", desc=f"fit {sae.name}", disable=not progress):
         perm = torch.randperm(len(x), generator=order).to(device)
         for b in range(steps_per_epoch):
-            learner(x[perm[b * batch:(b + 1) * batch]])
+            learner(x[perm[b * batch:(b + 1) * batch]], metrics=False)
     return learner.model.eval()
