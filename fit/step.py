@@ -28,7 +28,7 @@ from archsae.ranks import Ranks
 # Checkpoint key -> the archetypal dictionary's running sums of dL/d(W C): since W's update,
 # since its candidates' choice
 RUNNING_SUMS = (("hull_grad", "hull_grad_sum"), ("candidate_grad", "candidate_grad_sum"))
-# Steps between reads of "is any code dead?": each read waits for the device (on a GPU the
+# Steps between reads of which codes are dead: each read waits for the device (on a GPU the
 # host's launches run ahead of it otherwise); a code that dies waits at most this long for AuxK
 DEAD_CHECK_EVERY = 64
 
@@ -117,7 +117,7 @@ class TrainingStep:
                 if self.step % DEAD_CHECK_EVERY == 0:
                     self.dead_codes = torch.nonzero(dead).flatten()
                 if len(self.dead_codes):
-                    aux = self._aux_loss(pre, atoms, x.detach() - x_hat.detach().float(), dead)
+                    aux = self._aux_loss(pre, atoms, x - x_hat.detach().float(), dead)
                     loss = loss + cfg.aux_alpha * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
