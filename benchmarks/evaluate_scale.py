@@ -27,13 +27,13 @@ from benchmarks.common import PAPER_D, PAPER_TOKENS, paper_store, result
 HELDOUT_TOKENS = PAPER_TOKENS // 10  # the default held-out split (10% of images)
 GPU_FLOPS = 50e12  # sustained float32 matmul of one H100/H200 (about 75% of its 67 TFLOP/s peak)
 KINDS = 3  # CLS, register, patch: one co-firing tally each
-SIZES = "10240,32000"  # ResNet50's 10,240 concepts; 32,000 (archetypes drawn from all centroids)
+SIZES = (10240, 32000)  # ResNet50's 10,240 concepts; 32,000 (archetypes drawn from all centroids)
 TARGET_MINUTES, TARGET_GB = 30, 16  # one evaluation at 32,000 concepts on one GPU
 
 
 def parse_args():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default=SIZES)
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--images", type=int, default=8, help="images in the store (half held out)")
     ap.add_argument("--one", type=int, help="(internal) measure this size in this process")
     ap.add_argument("--store", help="(internal)")

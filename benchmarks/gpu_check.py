@@ -80,7 +80,7 @@ def steps_per_s(store_path: Path, work: Path, sae: str, centroids: str, args) ->
 def evaluation(store_path: Path, device: str) -> dict:
     """The largest of `benchmarks.evaluate_scale`'s sizes, measured on the GPU at evaluate's
     default batch (4,096), projected to the paper's held-out split."""
-    concepts = max(int(k) for k in SIZES.split(","))
+    concepts = max(SIZES)
     m = measure(concepts, str(store_path), device=device, batch_size=4096)
     return {**m, "concepts": concepts,
             "minutes_paper": (m["per_token"] * HELDOUT_TOKENS + m["per_dictionary"]) / 60}

@@ -23,7 +23,7 @@ def test_store_kmeans_and_fits_at_small_size(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "PAPER_CENTROIDS", 64)
     monkeypatch.setattr(gpu_check, "PAPER_CONCEPTS", 32)
     monkeypatch.setattr(gpu_check, "PAPER_BATCH", 128)
-    monkeypatch.setattr(gpu_check, "SIZES", "32,64")
+    monkeypatch.setattr(gpu_check, "SIZES", (32, 64))
     store = gpu_check.paper_store(tmp_path / "store", 8)
     assert store.n_tokens == 261 and store.d == gpu_check.PAPER_D and store.complete
     km = gpu_check.kmeans(tmp_path / "store", niter=2)
