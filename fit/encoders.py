@@ -18,7 +18,7 @@ from torch import nn
 
 
 class Codes(NamedTuple):
-    dense: torch.Tensor  # (B, k)
+    dense: torch.Tensor | None  # (B, k); None in training on CPU from the top-k lists alone
     indices: torch.Tensor | None = None  # (B, top_k) when each row has exactly top_k entries
     values: torch.Tensor | None = None
 
@@ -28,11 +28,11 @@ class Codes(NamedTuple):
         active = self.dense if self.values is None else self.values
         return (active > 0).sum(-1, dtype=torch.float32).mean()
 
-    def fired(self) -> torch.Tensor:
-        """(k,) bool: the codes nonzero on at least one token."""
+    def fired(self, concepts: int) -> torch.Tensor:
+        """(concepts,) bool: the codes nonzero on at least one token."""
         if self.indices is None:
             return (self.dense > 0).any(0)
-        hit = torch.zeros(self.dense.shape[-1], dtype=torch.uint8, device=self.dense.device)
+        hit = torch.zeros(concepts, dtype=torch.uint8, device=self.indices.device)
         positive = (self.values > 0).flatten().to(torch.uint8)
         return hit.scatter_reduce_(0, self.indices.flatten(), positive, "amax").bool()
 

@@ -8,8 +8,9 @@ from torch import nn
 
 from archsae.errors import UserError
 from archsae.fit.dictionaries import ArchetypalDictionary, FreeDictionary
-from archsae.fit.encoders import ENCODERS, Codes
+from archsae.fit.encoders import ENCODERS, Codes, TopK
 from archsae.fit.settings import SAESettings
+from archsae.fit.sparse_codes import decode_top_k, top_k_products_pay, topk_of_linear
 
 FREE_TIED_SCALE = 0.2  # of the tied encoder's rows, for random free atoms (docs/fit.md)
 
@@ -71,21 +72,31 @@ class SparseAutoencoder(nn.Module):
         """Raw activations -> the standardised space the model works in."""
         return (x - self.input_mean) / self.input_std
 
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """enc(x - pre_bias), written as x E^T + (b - E pre_bias): the same numbers, but the
+    def _encoder_bias(self) -> torch.Tensor:
+        """enc(x - pre_bias) is written as x E^T + (b - E pre_bias): the same numbers, but the
         pre-bias's gradient is then a product with a vector, not a (B x k) x (k x d) one."""
-        return F.linear(x, self.enc.weight, self.enc.bias - self.enc.weight @ self.pre_bias)
+        return self.enc.bias - self.enc.weight @ self.pre_bias
+
+    def pre_activations(self, x: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """enc(x - pre_bias); only those of `columns` when given."""
+        weight, bias = self.enc.weight, self._encoder_bias()
+        if columns is not None:
+            weight, bias = weight[columns], bias[columns]
+        return F.linear(x, weight, bias)
 
     def encode(self, x: torch.Tensor) -> Codes:
+        """Codes; a TopK encoder in training keeps the top-k lists alone (no dense codes) where
+        its gradient and the decode's pay as products over them (`fit.sparse_codes`)."""
+        if isinstance(self.encoder, TopK) and torch.is_grad_enabled() and top_k_products_pay(x.device):
+            values, indices = topk_of_linear(x, self.enc.weight, self._encoder_bias(), self.encoder.top_k)
+            return Codes(None, indices, torch.relu(values))
         return self.encoder(self.pre_activations(x))
 
     def decode(self, codes: Codes, atoms: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
         atoms = self.dictionary.weight() if atoms is None else atoms
-        # Without gradients, k entries per row: a gather instead of a dense product. With them,
-        # the dense product: the gather's backward sorts the indices (1.4-1.7x slower on CPU)
-        if codes.indices is not None and not torch.is_grad_enabled():
-            x_hat = F.embedding_bag(codes.indices, atoms, per_sample_weights=codes.values,
-                                    mode="sum")
+        # from the top-k lists, but for the dense product's gradient where that pays
+        if codes.indices is not None and (not torch.is_grad_enabled() or top_k_products_pay(atoms.device)):
+            x_hat = decode_top_k(codes.indices, codes.values, atoms)
         else:
             x_hat = codes.dense @ atoms
         return x_hat + self.pre_bias if bias else x_hat

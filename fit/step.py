@@ -99,8 +99,11 @@ class TrainingStep:
             group["lr"] = base * lr_factor(self.step, self.total_steps, self.warmup, final)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             atoms = model.dictionary.weight()
-            pre = model.pre_activations(x)
-            codes = model.encoder(pre)
+            if model.encoder.penalised:  # their penalties read the pre-activations
+                pre = model.pre_activations(x)
+                codes = model.encoder(pre)
+            else:
+                codes = model.encode(x)
             x_hat = model.decode(codes, atoms)
             # mean over tokens of |x - x_hat|^2 / d (1 - R^2 for standardised data, roughly), in
             # one fused kernel each way rather than a chain of token x feature passes
@@ -117,7 +120,7 @@ class TrainingStep:
                 if self.step % DEAD_CHECK_EVERY == 0:
                     self.dead_codes = torch.nonzero(dead).flatten()
                 if len(self.dead_codes):
-                    aux = self._aux_loss(pre, atoms, x - x_hat.detach().float(), dead)
+                    aux = self._aux_loss(x, atoms, x - x_hat.detach().float(), dead)
                     loss = loss + cfg.aux_alpha * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -139,7 +142,7 @@ class TrainingStep:
         if update_w:
             self.hull_steps = 0
         with torch.no_grad():
-            fired = codes.fired()
+            fired = codes.fired(s.concepts)
             if self.ranks.world > 1:  # fired anywhere in the global batch
                 fired = fired.to(torch.uint8)
                 torch.distributed.all_reduce(fired, torch.distributed.ReduceOp.MAX)
@@ -204,15 +207,16 @@ class TrainingStep:
             if key in tensors:
                 setattr(self.model.dictionary, name, tensors[key].to(self.device))
 
-    def _aux_loss(self, pre, atoms, residual, dead):
+    def _aux_loss(self, x, atoms, residual, dead):
         """AuxK: the dead codes' own top-k reconstructs the main reconstruction's error, from the
-        columns of the codes dead at the last read. Without asking the device which of them are
-        dead still (that would wait for it): the others are selected as relu(-inf) = 0, which
-        gives them no gradient, and the loss is zeroed when none is, so it adds nothing then."""
+        pre-activations of the codes dead at the last read (computed for those columns alone).
+        Without asking the device which of them are dead still (that would wait for it): the
+        others are selected as relu(-inf) = 0, which gives them no gradient, and the loss is
+        zeroed when none is, so it adds nothing then."""
         columns = self.dead_codes
         k_aux = min(len(columns), self.cfg.aux_k or 2 * self.sae.top_k)
         still = dead[columns]
-        masked = pre[:, columns].masked_fill(~still, float("-inf"))
+        masked = self.model.pre_activations(x, columns).masked_fill(~still, float("-inf"))
         values, indices = masked.topk(k_aux, dim=-1)
         values = torch.relu(values)
         dense = torch.zeros_like(masked).scatter(-1, indices, values)

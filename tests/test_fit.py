@@ -23,6 +23,7 @@ from archsae.fit.projections import (_threshold_of_sorted, clip_row_norms, proje
                                     refine_threshold, relu_renormalise_rows)
 from archsae.fit import SAESettings, sae_settings
 from archsae.fit import step as step_module
+from archsae.fit.sparse_codes import decode_top_k, topk_of_linear
 from archsae.fit.step import TrainingStep, lr_factor
 from archsae.fit import FitSettings, fit
 from archsae.fit.train import Trainer
@@ -122,7 +123,52 @@ def test_l0_and_fired_codes_from_the_top_k_lists_equal_the_dense_counts():
     sparse = TopK(200, 40)(pre)
     dense = Codes(sparse.dense)
     assert 0 < sparse.l0() < 40 and sparse.l0() == dense.l0()
-    assert torch.equal(sparse.fired(), dense.fired()) and not sparse.fired()[150:].any()
+    assert torch.equal(sparse.fired(200), dense.fired(200)) and not sparse.fired(200)[150:].any()
+
+
+def test_top_k_products_and_their_gradients_equal_the_dense_ones():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(96, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(40, generator=g, dtype=torch.float64, requires_grad=True)
+    atoms = torch.randn(40, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        bias[30:] -= 100.0  # the last concepts are never chosen: empty groups at the end
+        bias[:3] += 100.0  # the first ones always: groups of every token
+    target = torch.randn(96, 24, generator=g, dtype=torch.float64)
+    out = []
+    for sparse in (True, False):
+        if sparse:
+            values, indices = topk_of_linear(x, weight, bias, 6)
+            x_hat = decode_top_k(indices, torch.relu(values - 1.0), atoms)  # some values are 0
+        else:
+            pre = torch.nn.functional.linear(x, weight, bias)
+            values, indices = pre.topk(6, dim=-1)
+            codes = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values - 1.0))
+            x_hat = codes @ atoms
+        (x_hat - target).square().sum().backward()
+        out.append([x_hat.detach()] + [t.grad.clone() for t in (x, weight, bias, atoms)])
+        for t in (x, weight, bias, atoms):
+            t.grad = None
+    assert out[0][3][30:].abs().max() == 0 and out[0][3][:3].abs().min() > 0
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_topk_step_on_the_top_k_lists_equals_the_dense_step(store, monkeypatch):
+    """Training on CPU takes the top-k products; the dense ones (a GPU's) train the same model."""
+    x = torch.from_numpy(TokenStore(store).sample(128, seed=1)).float()
+    models = []
+    for sparse in (True, False):
+        monkeypatch.setattr("archsae.fit.sae.top_k_products_pay", lambda device: sparse)
+        learner = TrainingStep(sae_settings("topk", 64, concepts=32, top_k=4), FitSettings(dead_tokens=256),
+                               None, 100, torch.device("cpu"))
+        assert (learner.model.encode(x).dense is None) == sparse
+        for _ in range(6):  # AuxK from the third step
+            learner(x)
+        models.append(learner.model.state_dict())
+    for k in models[0]:
+        torch.testing.assert_close(models[0][k], models[1][k], atol=1e-5, rtol=1e-4)
 
 
 def test_paper_projection_and_norm_clip():
@@ -286,10 +332,10 @@ def test_auxk_on_the_dead_columns_equals_auxk_on_all_of_them(store, n_dead):
     for columns in (torch.arange(32), torch.nonzero(dead).flatten()):
         learner.dead_codes = columns
         atoms = learner.model.dictionary.weight().detach().requires_grad_()
-        pre = learner.model.pre_activations(x).detach().requires_grad_()
-        loss = learner._aux_loss(pre, atoms, residual, dead)
+        learner.model.zero_grad()
+        loss = learner._aux_loss(x, atoms, residual, dead)
         loss.backward()
-        out.append((loss.detach(), pre.grad, atoms.grad))
+        out.append((loss.detach(), learner.model.enc.weight.grad, atoms.grad))
     for a, b in zip(*out):
         torch.testing.assert_close(a, b)
 
