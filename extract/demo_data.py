@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -124,14 +125,20 @@ def write_shards(out: Path, n_images: int, render, prefix: str, about: str) -> s
         return pattern
     tmp = temporary_sibling(out)
     tmp.mkdir(parents=True)
-    try:
-        for s in range(n_shards):
-            with wds.TarWriter(str(tmp / f"{prefix}-{s:06d}.tar")) as sink:
-                for i in range(s * IMAGES_PER_SHARD, min((s + 1) * IMAGES_PER_SHARD, n_images)):
-                    key, img, label = render(i)
-                    buf = io.BytesIO()
-                    img.save(buf, format="JPEG", quality=90)
-                    sink.write({"__key__": key, "jpg": buf.getvalue(), "cls": label})
+
+    def encoded(i):
+        key, img, label = render(i)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        return {"__key__": key, "jpg": buf.getvalue(), "cls": label}
+
+    try:  # a shard's images are rendered on every core (PIL decodes and resizes outside the GIL)
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            for s in range(n_shards):
+                with wds.TarWriter(str(tmp / f"{prefix}-{s:06d}.tar")) as sink:
+                    shard = range(s * IMAGES_PER_SHARD, min((s + 1) * IMAGES_PER_SHARD, n_images))
+                    for sample in pool.map(encoded, shard):
+                        sink.write(sample)
         (tmp / ABOUT_FILE).write_text(about + "\n")
         os.rename(tmp, out)
     except OSError:
