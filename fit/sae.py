@@ -85,9 +85,11 @@ class SparseAutoencoder(nn.Module):
         return F.linear(x, weight, bias)
 
     def encode(self, x: torch.Tensor) -> Codes:
-        """Codes; a TopK encoder in training keeps the top-k lists alone (no dense codes) where
-        its gradient and the decode's pay as products over them (`fit.sparse_codes`)."""
-        if isinstance(self.encoder, TopK) and torch.is_grad_enabled() and top_k_products_pay(x.device):
+        """Codes; a TopK encoder in training (train mode, gradients on) keeps the top-k lists
+        alone (no dense codes) where its gradient and the decode's pay as products over them
+        (`fit.sparse_codes`)."""
+        if (isinstance(self.encoder, TopK) and self.training and torch.is_grad_enabled()
+                and top_k_products_pay(x.device)):
             values, indices = topk_of_linear(x, self.enc.weight, self._encoder_bias(), self.encoder.top_k)
             return Codes(None, indices, torch.relu(values))
         return self.encoder(self.pre_activations(x))
