@@ -18,7 +18,7 @@ from torch import nn
 
 
 class Codes(NamedTuple):
-    dense: torch.Tensor | None  # (B, k); None in training on CPU from the top-k lists alone
+    dense: torch.Tensor | None  # (B, k); None where only the top-k lists were kept (training)
     indices: torch.Tensor | None = None  # (B, top_k) when each row has exactly top_k entries
     values: torch.Tensor | None = None
 

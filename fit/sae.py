@@ -99,8 +99,12 @@ class SparseAutoencoder(nn.Module):
         # from the top-k lists, but for the dense product's gradient where that pays
         if codes.indices is not None and (not torch.is_grad_enabled() or top_k_products_pay(atoms.device)):
             x_hat = decode_top_k(codes.indices, codes.values, atoms)
-        else:
-            x_hat = codes.dense @ atoms
+        else:  # the dense codes, made from the lists when the encoder kept only those
+            dense = codes.dense
+            if dense is None:
+                dense = codes.values.new_zeros(len(codes.values), len(atoms))
+                dense = dense.scatter(-1, codes.indices, codes.values)
+            x_hat = dense @ atoms
         return x_hat + self.pre_bias if bias else x_hat
 
     def forward(self, x: torch.Tensor):

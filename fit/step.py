@@ -218,8 +218,6 @@ class TrainingStep:
         still = dead[columns]
         masked = self.model.pre_activations(x, columns).masked_fill(~still, float("-inf"))
         values, indices = masked.topk(k_aux, dim=-1)
-        values = torch.relu(values)
-        dense = torch.zeros_like(masked).scatter(-1, indices, values)
-        aux_hat = self.model.decode(Codes(dense, indices, values), atoms[columns], bias=False)
+        aux_hat = self.model.decode(Codes(None, indices, torch.relu(values)), atoms[columns], bias=False)
         return F.mse_loss(aux_hat.float(), residual) * still.any()
 
