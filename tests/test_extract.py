@@ -385,3 +385,43 @@ def test_demo_set_mixes_photos_and_drawings_and_says_what_it_is(tmp_path):
     photos = open_source(write_demo_shards(4, out=tmp_path / "photos", clipart_root=tmp_path / "none"))
     assert all(r.key.startswith("photo-") for r in photos.records)
     assert "Open Clip Art" not in photos.describe()["about"]
+
+
+class _ConvReadTwice(torch.nn.Module):
+    """A convolution whose output its BatchNorm and a skip both read: folding would change the skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "test_efficientnet", "test_resnet",
+                                  "test_nfnet", "test_vit", "conv read twice"])
+def test_folded_batch_norms_give_the_same_function(name):
+    """Every BatchNorm that only a convolution feeds (timm's BatchNormAct2d and TF "same"
+    padding included) goes into its weights; the outputs are unchanged, other models untouched."""
+    import timm
+    from archsae.extract.batchnorm import fold_batch_norms
+
+    torch.manual_seed(0)
+    net = _ConvReadTwice() if name == "conv read twice" else timm.create_model(name, pretrained=False)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in norms:  # statistics and affine maps far from the identity
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.5, 0.5)
+    size = (1, 3, 160, 160) if name == "test_vit" else (2, 3, 96, 96)
+    x = torch.randn(size)
+    with torch.no_grad():
+        before = net.eval()(x)
+        folded = fold_batch_norms(net)
+        after = net(x)
+    left = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    expected = {"tf_efficientnet_lite0": 49, "test_efficientnet": len(norms), "test_resnet": len(norms)}
+    assert folded == expected.get(name, 0) and len(left) == len(norms) - folded
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+    with pytest.raises(ValueError, match="eval"):
+        fold_batch_norms(net.train())
