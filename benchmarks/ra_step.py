@@ -10,7 +10,10 @@ At d=768, 3,840 concepts, 32,000 centroids (top-k = concepts / 10 for both), bat
              which chooses the candidates anew from a dense gradient), at the working learning
              rate (no warm-up of it) after `WARM_STEPS` steps: from its identity start a dense
              W's rows first spread over about a thousand centroids, then settle to the few
-             hundred a fit keeps (the exact projection's cost follows them);
+             hundred a fit keeps (the exact projection's cost follows them). The default RA-SAE
+             and TopK, the headline ratio, are timed in turns, a step of each per round over a
+             whole period (TopK's step varied by 20% from one minute to the next here); the other
+             variants one after the other;
   reference: overcomplete 0.3.0's RATopKSAE vs TopKSAE, one step of its own `train_sae` loop
              body (zero_grad, forward, criterion(x, x_hat, z_pre, z, model.get_dictionary()),
              backward, clip, Adam) with a plain MSE criterion, as ours has no AuxK term while no
@@ -54,6 +57,22 @@ def timed(step, x, steps: int, window: int = 1, align: int = 1) -> float:
     return statistics.median(times)
 
 
+def side_by_side(steps: dict, x, rounds: int, align: int = 1) -> dict:
+    """Seconds per step of each of `steps`, taken in turns (one step of each per round, over
+    `rounds` rounds), so that all see the same state of a noisy machine; after at least
+    `WARM_STEPS` steps each, in whole multiples of `align`."""
+    for step in steps.values():
+        for _ in range(math.ceil(WARM_STEPS / align) * align):
+            step(x)
+    seconds = dict.fromkeys(steps, 0.0)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step(x)
+            seconds[name] += time.perf_counter() - t
+    return {name: total / rounds for name, total in seconds.items()}
+
+
 def ours(args) -> dict:
     from archsae.fit import FitSettings, SAESettings, sae_settings
     from archsae.fit.step import TrainingStep
@@ -62,21 +81,32 @@ def ours(args) -> dict:
     points = torch.randn(args.centroids, args.d, generator=g)
     out = {}
     default = SAESettings().w_candidates
-    variants = [("ra_paper", "ra", {"projection": "paper"}), ("topk", "topk", {})]
-    variants += [(f"ra_s{s}", "ra", {"w_candidates": s}) for s in candidate_sizes(default)]
+    others = [("ra_paper", {"projection": "paper"})]
+    others += [(f"ra_s{s}", {"w_candidates": s}) for s in candidate_sizes(default) if s != default]
     for batch in BATCHES:
         x = torch.randn(batch, args.d, generator=g)
-        for name, sae, extra in variants:
-            settings = sae_settings(sae, args.d, args.concepts, **extra)
-            cfg = FitSettings(batch_size=batch, warmup=0.0)
-            learner = TrainingStep(settings, cfg, points if sae == "ra" else None, 10**6,
-                                   torch.device("cpu"))
-            on_candidates = getattr(learner.model.dictionary, "candidates", None) is not None
-            period = cfg.w_every * (cfg.w_refresh if on_candidates else 1)
-            out[f"{name}_{batch}"] = timed(learner, x, math.ceil(args.steps / period), period,
-                                           cfg.w_every)
-            del learner
-        out[f"ra_{batch}"] = out[f"ra_s{default}_{batch}"]
+        cfg = FitSettings(batch_size=batch, warmup=0.0)
+
+        def learner(sae, **extra):
+            return TrainingStep(sae_settings(sae, args.d, args.concepts, **extra), cfg,
+                                points if sae == "ra" else None, 10**6, torch.device("cpu"))
+
+        def period(step) -> int:  # W's updates between choices of its candidates, in steps
+            on_candidates = getattr(step.model.dictionary, "candidates", None) is not None
+            return cfg.w_every * (cfg.w_refresh if on_candidates else 1)
+
+        # the headline: the default RA-SAE and TopK in turns, over whole periods of RA's work
+        pair = {"ra": learner("ra"), "topk": learner("topk")}
+        rounds = period(pair["ra"]) * math.ceil(args.steps / period(pair["ra"]))
+        for name, seconds in side_by_side(pair, x, rounds, cfg.w_every).items():
+            out[f"{name}_{batch}"] = seconds
+        out[f"ra_s{default}_{batch}"] = out[f"ra_{batch}"]
+        del pair
+        for name, extra in others:  # beside it, one after the other
+            step = learner("ra", **extra)
+            out[f"{name}_{batch}"] = timed(step, x, math.ceil(args.steps / period(step)),
+                                           period(step), cfg.w_every)
+            del step
     out["default"] = default
     return out
 

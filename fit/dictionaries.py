@@ -19,6 +19,7 @@ constraint map applied after every optimiser step.
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from archsae.errors import UserError
@@ -27,13 +28,16 @@ from archsae.fit.projections import PROJECTIONS, clip_row_norms, unit_rows
 
 def hull_points(w: torch.Tensor, points: torch.Tensor,
                 candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """W C, W given on its `candidates` columns when there are any. A dense W on CPU is
-    multiplied from its nonzeros alone when it is as sparse as the exact projection leaves it
-    (a few hundred of 32,000 centroids per row: 0.3 s instead of 0.6 s for 3,840 atoms of
-    d 768, conversion included). On a GPU, counting them would make the host wait."""
+    """W C, W given on its `candidates` columns when there are any. On CPU only W's nonzeros
+    are multiplied where it is as sparse as the exact projection leaves it (a few hundred of
+    32,000 centroids per row): on candidates by `_weighted_point_sums`, a dense W through CSR
+    (0.3 s instead of 0.6 s for 3,840 atoms of d 768, conversion included). On a GPU, counting
+    them would make the host wait."""
     if candidates is not None and _sparse_pays(candidates, points):
         # in float32 under autocast too: sparse bf16 kernels are not everywhere
         with torch.autocast(points.device.type, enabled=False):
+            if w.device.type == "cpu":
+                return _weighted_point_sums(w, candidates, points)
             return _on_candidates(w, candidates, len(points)) @ points
     if candidates is not None:
         w = dense_rows(w, candidates, len(points))
@@ -42,6 +46,17 @@ def hull_points(w: torch.Tensor, points: torch.Tensor,
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
             return w.to_sparse_csr() @ points
     return w @ points
+
+
+def _weighted_point_sums(values: torch.Tensor, candidates: torch.Tensor,
+                         points: torch.Tensor) -> torch.Tensor:
+    """sum_j values[i, j] C[candidates[i, j]] over the nonzero values alone: on CPU at the
+    paper's 512 candidates of 32,000 (3,840 atoms of d 768, about 300 nonzeros per row) 0.18 s
+    against 0.40 s for the same product through a CSR matrix (0.26 s with the zeros kept)."""
+    keep = values != 0
+    counts = keep.sum(1)
+    return F.embedding_bag(candidates[keep], points, counts.cumsum(0) - counts, mode="sum",
+                           per_sample_weights=values[keep])
 
 
 def dense_rows(values: torch.Tensor, candidates: torch.Tensor, n_points: int) -> torch.Tensor:
