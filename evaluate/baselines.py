@@ -52,24 +52,26 @@ def _fista(z: torch.Tensor, gradient, lipschitz: float, steps: int) -> torch.Ten
 
 
 def _largest_eigenvalue(gram: torch.Tensor) -> float:
-    return max(float(torch.linalg.eigvalsh(gram)[-1]), 1e-12)
+    return max(float(torch.linalg.eigvalsh(gram.double())[-1]), 1e-12)
 
 
 def nonnegative_codes(x: torch.Tensor, atoms: torch.Tensor, z: torch.Tensor | None = None,
                       iters: int = 200) -> torch.Tensor:
-    """argmin_{Z >= 0} ||X - Z D||^2 (exact zeros, so L0 means something)."""
-    x, atoms = x.double(), atoms.double()
+    """argmin_{Z >= 0} ||X - Z D||^2 (exact zeros, so L0 means something). In float32, as the
+    NMFs below: on the demo's tokens float64 gave Semi-NMF the same R^2 to 6 digits in 2.3x the
+    time."""
+    x, atoms = x.float(), atoms.float()
     gram, target = atoms @ atoms.T, x @ atoms.T
-    z = torch.zeros(len(x), len(atoms), dtype=torch.float64) if z is None else z
+    z = torch.zeros(len(x), len(atoms)) if z is None else z
     return _fista(z, lambda y: y @ gram - target, _largest_eigenvalue(gram), iters)
 
 
 def semi_nmf(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """X ~ Z D with Z >= 0 and D free, by alternating least squares for D and non-negative
     least squares for Z, from K-means: (D (k, d), Z (n, k))."""
-    x = x.double()
+    x = x.float()
     kmeans, _ = faiss_kmeans(x, k, seed)
-    atoms = torch.from_numpy(kmeans.centroids).double()
+    atoms = torch.from_numpy(kmeans.centroids)
     z = nonnegative_codes(x, atoms)
     for _ in range(iters):
         atoms = torch.linalg.lstsq(z, x).solution
@@ -81,9 +83,9 @@ def convex_nmf(x: torch.Tensor, k: int, seed: int = 0, iters: int = 50) -> tuple
     """X ~ Z D with D = W X, W >= 0 and Z >= 0 (every atom is a non-negative combination of the
     data points), by alternating projected gradient on Z and W from K-means (atoms = cluster
     means): (D (k, d), Z (n, k))."""
-    x = x.double()
+    x = x.float()
     _, labels = faiss_kmeans(x, k, seed)
-    w = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), k).double().T
+    w = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), k).float().T
     w = w / w.sum(1, keepdim=True).clamp_min(1)
     kernel = x @ x.T  # the W-gradient is (Z^T Z) W K - Z^T K with K = X X^T
     kernel_norm = _largest_eigenvalue(kernel)
