@@ -33,7 +33,10 @@ def _after_norm(bn: nn.Module) -> nn.Module:
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(convolution, BatchNorm) module names where the BatchNorm is the only reader of the
-    convolution's output and each is called once; [] when the model cannot be traced."""
+    convolution's output and each is called once; [] when the model cannot be traced. Models
+    without a BatchNorm (ViTs) are not traced at all: tracing runs their forward."""
+    if not any(type(m) in _NORMS for m in model.modules()):
+        return []
     try:
         graph = _ConvBNTracer().trace(model)
     except Exception:  # data-dependent control flow and the like: nothing is folded
