@@ -41,12 +41,16 @@ WARM_STEPS = 8  # before timing: allocations, Adam state, W's support past its f
 MIN_SECONDS = 3.0  # steps of a fraction of a second are timed over more runs than `steps`
 
 
-def timed(step, x, steps: int, window: int = 1, align: int = 1) -> float:
-    """Seconds per step: the median over at least `steps` runs (and `MIN_SECONDS`) of a whole
-    window of `window` steps (a period of the step's work), after at least `WARM_STEPS` steps in
-    whole multiples of `align` (W's update interval)."""
+def warm(step, x, align: int = 1) -> None:
+    """At least `WARM_STEPS` steps, in whole multiples of `align` (W's update interval)."""
     for _ in range(math.ceil(WARM_STEPS / align) * align):
         step(x)
+
+
+def timed(step, x, steps: int, window: int = 1, align: int = 1) -> float:
+    """Seconds per step: the median over at least `steps` runs (and `MIN_SECONDS`) of a whole
+    window of `window` steps (a period of the step's work), after `warm`."""
+    warm(step, x, align)
     times = []
     start = time.perf_counter()
     while len(times) < steps or time.perf_counter() - start < MIN_SECONDS:
@@ -59,11 +63,9 @@ def timed(step, x, steps: int, window: int = 1, align: int = 1) -> float:
 
 def side_by_side(steps: dict, x, rounds: int, align: int = 1) -> dict:
     """Seconds per step of each of `steps`, taken in turns (one step of each per round, over
-    `rounds` rounds), so that all see the same state of a noisy machine; after at least
-    `WARM_STEPS` steps each, in whole multiples of `align`."""
+    `rounds` rounds), so that all see the same state of a noisy machine; after `warm`."""
     for step in steps.values():
-        for _ in range(math.ceil(WARM_STEPS / align) * align):
-            step(x)
+        warm(step, x, align)
     seconds = dict.fromkeys(steps, 0.0)
     for _ in range(rounds):
         for name, step in steps.items():

@@ -8,7 +8,8 @@ output goes to its BatchNorm alone is folded. Tokens change by float rounding on
 of their scale).
 """
 
-import torch
+from collections import Counter
+
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -42,10 +43,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     except Exception:  # data-dependent control flow and the like: nothing is folded
         return []
     modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or type(modules[node.target]) not in _NORMS:

@@ -60,7 +60,8 @@ def _weighted_point_sums(values: torch.Tensor, candidates: torch.Tensor,
 
 
 def dense_rows(values: torch.Tensor, candidates: torch.Tensor, n_points: int) -> torch.Tensor:
-    """The k x n' matrix holding `values` at the `candidates` columns of each row, 0 elsewhere."""
+    """The rows x n' matrix holding `values` at the `candidates` columns of each row, 0 elsewhere
+    (W on its candidates; top-k codes from their lists)."""
     return values.new_zeros(len(values), n_points).scatter_(1, candidates, values)
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archsae.errors import UserError
-from archsae.fit.dictionaries import ArchetypalDictionary, FreeDictionary
+from archsae.fit.dictionaries import ArchetypalDictionary, FreeDictionary, dense_rows
 from archsae.fit.encoders import ENCODERS, Codes, TopK
 from archsae.fit.settings import SAESettings
 from archsae.fit.sparse_codes import decode_top_k, top_k_products_pay, topk_of_linear
@@ -100,10 +100,8 @@ class SparseAutoencoder(nn.Module):
         if codes.indices is not None and (not torch.is_grad_enabled() or top_k_products_pay(atoms.device)):
             x_hat = decode_top_k(codes.indices, codes.values, atoms)
         else:  # the dense codes, made from the lists when the encoder kept only those
-            dense = codes.dense
-            if dense is None:
-                dense = codes.values.new_zeros(len(codes.values), len(atoms))
-                dense = dense.scatter(-1, codes.indices, codes.values)
+            dense = (codes.dense if codes.dense is not None
+                     else dense_rows(codes.values, codes.indices, len(atoms)))
             x_hat = dense @ atoms
         return x_hat + self.pre_bias if bias else x_hat
 
