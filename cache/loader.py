@@ -9,7 +9,6 @@ assembly and standardisation run in a producer thread; the caller only takes fin
 off a queue.
 """
 
-import asyncio
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +18,9 @@ import numpy as np
 import torch
 import zarr
 from tqdm import tqdm
-from zarr.core.buffer.cpu import NDBuffer
-from zarr.core.sync import sync
 
 from archsae.errors import UserError
+from archsae.cache.chunks import read_chunks_into
 from archsae.cache.quantise import dequantise
 from archsae.cache.split import Split
 from archsae.cache.store import ActivationStore, open_store
@@ -99,27 +97,13 @@ class TokenStore:
         return chunk[self.unit_images[unit]][:, self.positions].reshape(-1, self.d)
 
     def _decode(self, units: np.ndarray, out: np.ndarray) -> None:
-        """Decode whole units into consecutive slices of `out` (rows, d) with one call into
-        zarr's event loop, which decodes them concurrently as a whole-array read does (a call
-        per unit from a thread pool ran at 60% of that rate), `_per_call` at a time."""
-        bounds = [self.store.unit_bounds(u) for u in units]
+        """Decode whole units, concurrently, each straight into its slice of `out` (rows, d),
+        one after the other."""
         ends = np.cumsum(self._unit_rows[units])
         views = np.split(out[: ends[-1]], ends[:-1])
-        array = self._tokens.async_array
-        limit = asyncio.Semaphore(self._per_call)
-
-        async def one(unit, bound, view):
-            async with limit:
-                try:
-                    await array.get_orthogonal_selection((slice(*bound),), out=NDBuffer.from_numpy_array(
-                        view.reshape(bound[1] - bound[0], self.store.n_tokens, self.d)))
-                except Exception as exc:
-                    raise self.store.damaged(unit, exc) from None
-
-        async def all_units():
-            await asyncio.gather(*(one(*a) for a in zip(units, bounds, views)))
-
-        sync(all_units())
+        shapes = [(b - a, self.store.n_tokens, self.d) for a, b in map(self.store.unit_bounds, units)]
+        read_chunks_into(self._tokens, [((u, 0, 0), v.reshape(shape)) for u, v, shape in zip(units, views, shapes)],
+                         error=lambda coords, exc: self.store.damaged(coords[0], exc))
 
     @property
     def _per_call(self) -> int:

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from zarr.codecs import ZstdCodec
 from hypothesis import given, settings, strategies as st
 
 from archsae.cache import TOKEN_KINDS, Split, StoreSpec, TokenStore, create_or_open, open_store
-from archsae.cache.store import unit_bounds
+from archsae.cache.chunks import read_chunks_into
+from archsae.cache.store import DATA_CODECS, DATA_CONFIG, unit_bounds
 from archsae.extract.run import unit_batches
 from conftest import cli, info_json
 
@@ -156,6 +158,30 @@ def test_loader_without_shuffle_reads_in_store_order(tmp_path):
     loader = TokenStore(store, tokens="cls", part="all", standardize=False)
     got = torch.cat(list(loader.batches(5, shuffle=False, drop_last=False))).numpy()
     np.testing.assert_array_equal(got, tokens[:, 0])
+
+
+@pytest.mark.parametrize("codecs", ["store", "zstd", "none"])
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_chunks_decoded_into_memory_are_what_zarr_reads(tmp_path, codecs, dtype):
+    """Our stores' chunks are decompressed straight into the destination; other codecs and edge
+    chunks go through zarr: either way the values are zarr's own, and damage is an error."""
+    compressors = {"store": DATA_CODECS, "zstd": [ZstdCodec()], "none": None}[codecs]
+    array = zarr.create_array(tmp_path / "a", shape=(10, 3, 4), chunks=(4, 3, 4), dtype=dtype,
+                              compressors=compressors, config=DATA_CONFIG)
+    array[:] = np.random.default_rng(0).normal(0, 30, (10, 3, 4)).astype(dtype)
+    out = np.full((10, 3, 4), 7, dtype)
+    read_chunks_into(array, [((u, 0, 0), out[4 * u:4 * u + 4]) for u in range(3)])
+    np.testing.assert_array_equal(out, array[:])
+    if codecs == "store":
+        chunk = tmp_path / "a" / "c" / "1" / "0" / "0"
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+        with pytest.raises(ValueError, match="checksum"):
+            read_chunks_into(array, [((1, 0, 0), out[4:8])])
+        chunk.unlink()
+        with pytest.raises(RuntimeError, match=r"\(1, 0, 0\).*missing"):
+            read_chunks_into(array, [((1, 0, 0), out[4:8])], error=lambda c, e: RuntimeError(f"{c} {e}"))
 
 
 def test_heldout_split_is_by_image_disjoint_and_fixed(tmp_path):
