@@ -22,8 +22,8 @@ from archsae.options import SettingsOptions, flag_of
 from archsae.paths import default_store_dir
 
 # The options of the settings, grouped by the commands that take them.
-SAE_SIZE = SettingsOptions(SAESettings, ("concepts", "top_k", "projection", "multiplier", "encoder_init",
-                                          "centroids", "w_candidates"))
+SAE_SIZE = SettingsOptions(SAESettings, ("concepts", "top_k", "projection", "multiplier", "pre_bias",
+                                          "encoder_init", "centroids", "w_candidates"))
 SAE_KIND = SettingsOptions(SAESettings, ("encoder", "dictionary", "delta", "project", "decoder_init"))
 TRAINING = SettingsOptions(FitSettings)
 N_CENTROIDS = SettingsOptions(CentroidSettings, ("n_centroids", "sample", "niter"))

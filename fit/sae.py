@@ -44,7 +44,7 @@ class SparseAutoencoder(nn.Module):
                 init = points[: s.concepts]
             self.dictionary = FreeDictionary(s.concepts, s.d, init, generator)
         self.encoder = ENCODERS[s.encoder](s.concepts, s.top_k)
-        self.pre_bias = nn.Parameter(torch.zeros(s.d))
+        self.pre_bias = nn.Parameter(torch.zeros(s.d), requires_grad=s.pre_bias)
         self.enc = nn.utils.skip_init(nn.Linear, s.d, s.concepts)  # set below
         with torch.no_grad():
             if not s.tied_encoder:  # nn.Linear's draw: U(-1/sqrt(d), 1/sqrt(d))

@@ -371,6 +371,16 @@ def test_w_rate_decays_on_its_own_while_the_others_keep_theirs(store):
     assert w_rates[-1] == pytest.approx(1e-2 * lr_factor(4, 5, 0.0, 0.25)) and w_rates[-1] < 0.5e-2
 
 
+@pytest.mark.parametrize("pre_bias", [True, False])
+def test_pre_bias_learns_only_when_asked(store, pre_bias):
+    x = torch.from_numpy(TokenStore(store).sample(128, seed=1)).float() + 0.5  # off-centre: a bias helps
+    learner = TrainingStep(sae_settings("topk", 64, concepts=32, top_k=4, pre_bias=pre_bias), FitSettings(),
+                           None, 5, torch.device("cpu"))
+    for _ in range(5):
+        learner(x, metrics=False)
+    assert learner.model.pre_bias.abs().max() > 0 if pre_bias else torch.equal(learner.model.pre_bias, torch.zeros(64))
+
+
 def test_no_projection_control_leaves_the_simplex(store, tmp_path):
     fit(store, tmp_path / "f", small("a", project=False), FitSettings(**FAST), progress=False)
     W = load(tmp_path / "f").dictionary.dense_W().detach()
