@@ -168,9 +168,9 @@ def main() -> None:
     ours = ", ".join(f"{v:.4f}" for v in seeds["topk"]["heldout_r2"])
     print(f"{'reference TopKSAE':{w}s} {ref['r2']:7.4f} {ref['runs'][0]['dead']:6.3f}   "
           f"(by seed: {theirs}; our TopK: {ours})")
-    r2["topk-fast"] = statistics.mean(fast)
+    fast_r2 = statistics.mean(fast)
     by_seed = [", ".join(f"{v:.4f}" for v in values) for values in (fast, [r["r2"] for r in ref_fast["runs"]])]
-    print(f"at lr {args.topk_lr:g} (default {FitSettings.lr:g}): our TopK {r2['topk-fast']:.4f} (by seed: "
+    print(f"at lr {args.topk_lr:g} (default {FitSettings.lr:g}): our TopK {fast_r2:.4f} (by seed: "
           f"{by_seed[0]}), the reference's TopKSAE {ref_fast['r2']:.4f} (by seed: {by_seed[1]})")
     print(f"TopK, random init: stability across seeds {seeds['topk']['mean']:.4f}")
     # R^2 differences to 4 decimals: a gap of a few 1e-4 is within the seeds' spread, and 3
@@ -179,8 +179,8 @@ def main() -> None:
     result("real_ra_minus_a_r2", r2["ra"] - r2["a"], ">=", 0, digits=4)
     result("real_dead_ra", seeds["ra"]["first_run"]["metrics"]["all"]["dead"], "<=", 0.05)
     result("real_topk_r2_minus_reference_topk_r2", r2["topk"] - ref["r2"], ">=", 0, digits=4)
-    result("real_topk_r2_minus_reference_topk_r2_at_topk_lr", r2["topk-fast"] - ref_fast["r2"], ">=", 0, digits=4)
-    result("real_ra_r2_minus_best_topk_r2", r2["ra"] - max(r2["topk"], r2["topk-fast"]), ">=", -0.01, digits=4)
+    result("real_topk_r2_minus_reference_topk_r2_at_topk_lr", fast_r2 - ref_fast["r2"], ">=", 0, digits=4)
+    result("real_ra_r2_minus_best_topk_r2", r2["ra"] - max(r2["topk"], fast_r2), ">=", -0.01, digits=4)
     print(f"TopK with the tied encoder init minus the reference: {r2['topk-tied-encoder'] - ref['r2']:+.4f}")
     for name, v in seeds.items():  # each variant against TopK, random init (either encoder init)
         if name in ("topk", "topk-tied-encoder"):

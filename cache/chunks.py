@@ -27,18 +27,18 @@ from zarr.core.sync import sync
 
 def blosc_bytes(array: AsyncArray) -> bool:
     """Whether `array`'s chunks are native-endian bytes compressed by Blosc (then any further
-    bytes codecs): the chunks `read_chunk_into` decompresses itself."""
+    bytes codecs): the chunks this module decompresses itself."""
     codecs = array.metadata.codecs
     return (len(codecs) >= 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
             and (codecs[0].endian is None or codecs[0].endian.value == sys.byteorder))
 
 
-async def read_chunk_into(array: AsyncArray, coords: tuple[int, ...], out: np.ndarray) -> None:
+async def _read_chunk_into(array: AsyncArray, coords: tuple[int, ...], out: np.ndarray, direct: bool) -> None:
     """Decode chunk `coords` of `array` into `out`, an array of the chunk's dtype and of its
-    shape (an edge chunk: of its part inside the array). A missing chunk is an error, not the
-    fill value; a damaged one fails in its checksum or its codec."""
+    shape (an edge chunk: of its part inside the array); `direct`: `blosc_bytes(array)`. A
+    missing chunk is an error, not the fill value; a damaged one fails in its checksum or codec."""
     chunk = array.metadata.chunk_grid.chunk_shape
-    if not (out.shape == tuple(chunk) and out.flags.c_contiguous and blosc_bytes(array)):
+    if not (direct and out.shape == tuple(chunk) and out.flags.c_contiguous):
         selection = tuple(slice(c * s, c * s + n) for c, s, n in zip(coords, chunk, out.shape))
         await array.get_orthogonal_selection(selection, out=NDBuffer.from_numpy_array(out))
         return
@@ -58,16 +58,18 @@ async def read_chunk_into(array: AsyncArray, coords: tuple[int, ...], out: np.nd
 
 def read_chunks_into(array: zarr.Array, pieces: Sequence[tuple[tuple[int, ...], np.ndarray]],
                      error: Callable[[tuple[int, ...], Exception], Exception] | None = None) -> None:
-    """Decode each (chunk coords, destination) of `pieces` with `read_chunk_into`, concurrently
-    (zarr's own limit on concurrent chunk reads) in one call into zarr's event loop: a call per
-    chunk from a thread pool ran at 60% of that rate. `error(coords, exc)` is what a chunk that
-    fails raises instead of `exc`."""
+    """Decode chunk `coords` into `destination` for each (coords, destination) of `pieces`,
+    concurrently (zarr's own limit on concurrent chunk reads) in one call into zarr's event loop:
+    a call per chunk from a thread pool ran at 60% of that rate. `error(coords, exc)` is what a
+    chunk that fails raises instead of `exc`."""
     limit = asyncio.Semaphore(zarr.config.get("async.concurrency"))
+    inner = array.async_array
+    direct = blosc_bytes(inner)
 
     async def one(coords, out):
         async with limit:
             try:
-                await read_chunk_into(array.async_array, coords, out)
+                await _read_chunk_into(inner, coords, out, direct)
             except Exception as exc:
                 if error is None:
                     raise
