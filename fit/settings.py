@@ -215,7 +215,8 @@ class FitSettings(Settings):
     epochs: int = setting(10, "Passes over the training tokens.", low=1)
     batch_size: int = setting(1024, "Tokens per training step.", low=1)
     lr: float = setting(5e-4, "Adam learning rate of the encoder and free dictionaries.", low=0, low_open=True)
-    dictionary_lr: float = setting(2e-2, "Learning rate of the archetypal W and Lambda.", low=0, low_open=True)
+    dictionary_lr: float = setting(2e-2, "Learning rate of the archetypal W and Lambda (a long fit may want "
+                                         "less: see docs/fit.md).", low=0, low_open=True)
     dictionary_final_lr: float = setting(0.0, "Fraction of W's learning rate reached at the end of its own cosine "
                                               "decay (1: none; see docs/fit.md).", low=0, high=1)
     dictionary_eps: float = setting(1e-6, "Adam's eps for W (see docs/fit.md).", low=0, low_open=True)
