@@ -114,7 +114,8 @@ def fit_settings(config: dict) -> tuple[SAESettings, FitSettings]:
     """The settings a fit directory's config.json records."""
     if not isinstance(config["sae"], dict) or not isinstance(config["fit"], dict):
         raise UserError("a fit's config.json is damaged (sae and fit are not objects): fit again")
-    return SAESettings.from_dict(config["sae"]), FitSettings.from_dict(config["fit"])
+    # schema-3 fits written before `pre_bias` was a setting learned it: resume them as they were
+    return SAESettings.from_dict({"pre_bias": True, **config["sae"]}), FitSettings.from_dict(config["fit"])
 
 
 def check_store(fitdir, config: dict, store) -> None:

@@ -134,8 +134,8 @@ class SAESettings(Settings):
                                 low=0)
     multiplier: bool = setting(False, "Learnable scale exp(m) of D (reference library).")
     pre_bias: bool = setting(False, "Learn the bias subtracted before encoding and added after decoding "
-                                    "(Gao et al.); the inputs are standardised, so it starts at their mean, 0, "
-                                    "where --no-pre-bias keeps it (see docs/fit.md).",
+                                    "(Gao et al.); off, it stays at 0, the standardised inputs' mean "
+                                    "(see docs/fit.md).",
                              flags="--pre-bias/--no-pre-bias")
     decoder_init: str = setting("random", "Free dictionaries: control that starts atom i at centroid i.",
                                 choices=DECODER_INITS)

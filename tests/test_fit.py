@@ -16,6 +16,7 @@ from scipy.optimize import linprog
 from archsae.cache import TokenStore
 from archsae.evaluate.run import evaluate_fit
 from archsae.fit import load
+from archsae.fit.checkpoint import fit_settings
 from archsae.fit.dictionaries import (ArchetypalDictionary, hull_points, products_on_candidates,
                                      restrict_to_candidates)
 from archsae.fit.encoders import Codes, TopK
@@ -379,6 +380,13 @@ def test_pre_bias_learns_only_when_asked(store, pre_bias):
     for _ in range(5):
         learner(x, metrics=False)
     assert learner.model.pre_bias.abs().max() > 0 if pre_bias else torch.equal(learner.model.pre_bias, torch.zeros(64))
+
+
+def test_fits_written_before_the_pre_bias_setting_resume_learning_it():
+    config = {"sae": sae_settings("topk", 64, concepts=32, top_k=4).to_dict(), "fit": FitSettings().to_dict()}
+    assert fit_settings(config)[0].pre_bias is False
+    del config["sae"]["pre_bias"]
+    assert fit_settings(config)[0].pre_bias is True
 
 
 def test_no_projection_control_leaves_the_simplex(store, tmp_path):
