@@ -47,14 +47,19 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
                 layout[str(idx)][key] = "tensor"
             else:
                 layout[str(idx)][key] = value
-    return tensors, {"param_groups": state["param_groups"], "layout": layout}
+    groups = [{k: float(v) if torch.is_tensor(v) else v for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "layout": layout}
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
     state = {}
     for idx, entry in meta["layout"].items():
         state[int(idx)] = {k: tensors[f"{idx}.{k}"] if v == "tensor" else v for k, v in entry.items()}
+    # how this process steps (a GPU's rates are tensors there, read by CUDA graphs) stays its own
+    live = [{k: g[k] for k in ("lr", "fused", "capturable")} for g in optimizer.param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for group, own in zip(optimizer.param_groups, live):
+        group.update(own)
 
 
 def save_checkpoint(fitdir: Path, step: int, model, optimizer, trainer_tensors: dict,

@@ -10,8 +10,9 @@ constraint map applied after every optimiser step.
   instead of three per step. (Data-parallel fits average dL/dH across processes before it is
   collected: k x d numbers instead of W's k x n'.)
   With `candidates` s < n', each row of W lives on s centroids of its own (`W` is k x s, the
-  buffer `candidates` their sorted column numbers): W C, dL/dW and Adam cost k x s instead of
-  k x n', most of an RA step at the paper's 32,000 centroids. Every few updates they are chosen
+  buffer `candidates` their sorted column numbers): Adam and the projection cost k x s instead
+  of k x n', and on CPU W C and dL/dW too, most of an RA step at the paper's 32,000 centroids (a
+  GPU's tensor cores take those two products dense). Every few updates they are chosen
   anew (`choose_candidates`): the support W has, then the centroids that the mean dense dL/dW
   since the last choice pulls in hardest (exact: dL/d(W C) summed over those steps, times C^T).
 """
@@ -28,24 +29,29 @@ from archsae.fit.projections import PROJECTIONS, clip_row_norms, unit_rows
 
 def hull_points(w: torch.Tensor, points: torch.Tensor,
                 candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """W C, W given on its `candidates` columns when there are any. On CPU only W's nonzeros
-    are multiplied where it is as sparse as the exact projection leaves it (a few hundred of
-    32,000 centroids per row): on candidates by `_weighted_point_sums`, a dense W through CSR
-    (0.3 s instead of 0.6 s for 3,840 atoms of d 768, conversion included). On a GPU, counting
-    them would make the host wait."""
-    if candidates is not None and _sparse_pays(candidates, points):
+    """W C in float32, W given on its `candidates` columns when there are any. On CPU only W's
+    nonzeros are multiplied where it is as sparse as the exact projection leaves it (a few
+    hundred of 32,000 centroids per row): on candidates by `_weighted_point_sums`, a dense W
+    through CSR (0.3 s instead of 0.6 s for 3,840 atoms of d 768, conversion included). On a
+    GPU the dense product on the tensor cores, under the caller's autocast (bf16 in training,
+    as the decode that reads the atoms): on an H200 at the paper's size 0.65 ms against
+    cuSPARSE's 0.75 ms, and no host waits for a count."""
+    if w.device.type == "cpu":
         # in float32 under autocast too: sparse bf16 kernels are not everywhere
-        with torch.autocast(points.device.type, enabled=False):
-            if w.device.type == "cpu":
+        with torch.autocast("cpu", enabled=False):
+            if candidates is not None and _sparse_pays(candidates, points):
                 return _weighted_point_sums(w, candidates, points)
-            return _on_candidates(w, candidates, len(points)) @ points
-    if candidates is not None:
-        w = dense_rows(w, candidates, len(points))
-    if w.device.type == "cpu" and int(torch.count_nonzero(w)) * 16 <= w.numel():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-            return w.to_sparse_csr() @ points
-    return w @ points
+            if candidates is not None:
+                w = dense_rows(w, candidates, len(points))
+            if int(torch.count_nonzero(w)) * 16 <= w.numel():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+                    return w.to_sparse_csr() @ points
+            return w @ points
+    if candidates is not None:  # scattered straight into the dtype the product takes
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w.dtype
+        w = dense_rows(w.to(dtype), candidates, len(points))
+    return (w @ points).float()
 
 
 def _weighted_point_sums(values: torch.Tensor, candidates: torch.Tensor,
@@ -66,28 +72,34 @@ def dense_rows(values: torch.Tensor, candidates: torch.Tensor, n_points: int) ->
 
 
 def _sparse_pays(candidates: torch.Tensor, points: torch.Tensor) -> bool:
-    """Sparse products on s candidates of n' beat dense ones (BLAS) only when s is a small part
-    of n': on CPU at s = n' / 4 they were 1.3x slower, at the paper's 512 of 32,000 2-6x faster
-    (W C 0.13 s instead of 0.3 s, dL/dW 0.1-0.2 s instead of 0.7 s)."""
+    """On CPU, sparse products on s candidates of n' beat dense ones (BLAS) only when s is a
+    small part of n': at s = n' / 4 they were 1.3x slower, at the paper's 512 of 32,000 2-6x
+    faster (W C 0.13 s instead of 0.3 s, dL/dW 0.1-0.2 s instead of 0.7 s)."""
     return candidates.shape[1] * 8 <= len(points)
 
 
-def _on_candidates(values: torch.Tensor, candidates: torch.Tensor, n_points: int) -> torch.Tensor:
-    """The k x n' sparse (CSR) matrix holding `values` at the `candidates` columns of each row."""
-    k, s = candidates.shape
-    rows = torch.arange(0, k * s + 1, s, device=values.device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(rows, candidates.reshape(-1), values.reshape(-1), (k, n_points))
+def gradient_at_points(grad: torch.Tensor, points: torch.Tensor,
+                       candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/dW = dL/d(W C) C^T, k x n', or at each row's `candidates` (k x s), float32; on a GPU
+    in bf16 on the tensor cores (float32 there is over ten times slower, and Adam divides W's
+    gradient by its own scale)."""
+    with torch.autocast(grad.device.type, dtype=torch.bfloat16, enabled=grad.is_cuda):
+        products = grad @ points.T
+    return (products if candidates is None else products.gather(1, candidates)).float()
 
 
 def products_on_candidates(grad: torch.Tensor, points: torch.Tensor,
                            candidates: torch.Tensor) -> torch.Tensor:
-    """(grad C^T)[i, candidates[i]], k x s, without the dense k x n' product (an SDDMM) when
-    that is faster."""
-    if not _sparse_pays(candidates, points):
-        return (grad @ points.T).gather(1, candidates)
-    mask = _on_candidates(grad.new_zeros(candidates.shape), candidates, len(points))
+    """(grad C^T)[i, candidates[i]], k x s; on CPU without the dense k x n' product (an SDDMM)
+    when that is faster. On a GPU the dense product: on an H200 at the paper's size 0.35 ms
+    against cuSPARSE's SDDMM's 0.69 ms."""
+    if not (grad.device.type == "cpu" and _sparse_pays(candidates, points)):
+        return gradient_at_points(grad, points, candidates)
+    k, s = candidates.shape
+    rows = torch.arange(0, k * s + 1, s, device=grad.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        mask = torch.sparse_csr_tensor(rows, candidates.reshape(-1), grad.new_zeros(k * s), (k, len(points)))
     return torch.sparse.sampled_addmm(mask, grad, points.T, beta=0.0).values().view(candidates.shape)
 
 
@@ -152,7 +164,9 @@ class ArchetypalDictionary(nn.Module):
         self._fused: torch.Tensor | None = None
         self._hull: torch.Tensor | None = None  # W C in training, a leaf for dL/d(W C)
         self.hull_grad_sum: torch.Tensor | None = None  # dL/d(W C) summed since W's update
-        self.candidate_grad_sum: torch.Tensor | None = None  # ... since the candidates' choice
+        # ... since the candidates' choice: updated in place (a CUDA graph of the step adds to it)
+        self.register_buffer("candidate_grad_sum", torch.zeros(concepts, d) if size < n_points else None,
+                             persistent=False)
         self.register_load_state_dict_post_hook(lambda module, keys: module._forget_fused())
 
     def _forget_fused(self) -> None:
@@ -188,8 +202,7 @@ class ArchetypalDictionary(nn.Module):
             return
         grad, self._hull.grad = self._hull.grad, None
         if self.candidates is not None:
-            self.candidate_grad_sum = (grad.clone() if self.candidate_grad_sum is None
-                                       else self.candidate_grad_sum.add_(grad))
+            self.candidate_grad_sum.add_(grad)
         self.hull_grad_sum = grad if self.hull_grad_sum is None else self.hull_grad_sum.add_(grad)
 
     @torch.no_grad()
@@ -206,14 +219,15 @@ class ArchetypalDictionary(nn.Module):
             return None
         grad = grad.div_(steps)
         if self.candidates is None:
-            self.W.grad = grad @ self.points.T
+            self.W.grad = gradient_at_points(grad, self.points)
             return None
         old = None
-        if refresh:
-            old, pull = self.candidates, self.candidate_grad_sum @ self.points.T
-            self.candidate_grad_sum = None
-            self.candidates = choose_candidates(self.dense_W(), pull, old.shape[1])
-            self.W.copy_(restrict_to_candidates(self.W, old, self.candidates))
+        if refresh:  # in place, as the running sum: a CUDA graph of the step reads them
+            old, pull = self.candidates.clone(), gradient_at_points(self.candidate_grad_sum, self.points)
+            self.candidate_grad_sum.zero_()
+            new = choose_candidates(self.dense_W(), pull, old.shape[1])
+            self.W.copy_(restrict_to_candidates(self.W, old, new))
+            self.candidates.copy_(new)
         self.W.grad = products_on_candidates(grad, self.points, self.candidates)
         return old
 

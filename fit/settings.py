@@ -245,6 +245,11 @@ class FitSettings(Settings):
     checkpoint_every: int = setting(500, "Steps between checkpoints.", low=1)
     log_every: int = setting(20, "Steps between rows of metrics.jsonl.", low=1)
     device: str | None = setting(None, "cpu, cuda, cuda:1 ... [cuda when available].", check=_torch_device)
+    cuda_graphs: bool = setting(True, "On a GPU, replay each TopK training step as a captured CUDA graph "
+                                      "rather than launch its kernels one by one from Python (see docs/fit.md).")
+
+    # how a fit runs, not what it computes: a resumed fit takes these from the command
+    RUNTIME = ("device", "cuda_graphs")
 
     @property
     def split(self) -> Split:

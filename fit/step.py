@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from archsae.errors import UserError
 from archsae.fit.dictionaries import restrict_to_candidates
 from archsae.fit.encoders import Codes
+from archsae.fit.graphs import StepGraphs
 from archsae.fit.sae import SparseAutoencoder
 from archsae.fit.settings import FitSettings, SAESettings
 from archsae.ranks import Ranks
@@ -80,9 +81,14 @@ class TrainingStep:
         groups = [{**g, "name": n} for n, g in groups.items() if g["params"]]
         self.schedules = [(g["lr"], cfg.dictionary_final_lr if g["name"] == "W" else cfg.final_lr)
                           for g in groups]  # (base rate, final fraction) per group
-        # fused: one kernel for all parameters (12x faster than the default on CPU for W)
+        # fused: one kernel for all parameters (12x faster than the default on CPU for W); on a
+        # GPU the rates are tensors there, set before each step, so a CUDA graph of it reads them
+        cuda = device.type == "cuda"
+        if cuda:
+            groups = [{**g, "lr": torch.tensor(g["lr"], device=device)} for g in groups]
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8,
-                                          fused=device.type in ("cpu", "cuda"))
+                                          fused=device.type in ("cpu", "cuda"), capturable=cuda)
+        self.graphs = StepGraphs(device) if cuda and cfg.cuda_graphs else None
         self.warmup = cfg.warmup_for(sae)
         self.step = 0
         self.hull_steps = 0  # steps whose dL/d(W C) the archetypal hull has summed since W's update
@@ -93,11 +99,43 @@ class TrainingStep:
 
     def __call__(self, x: torch.Tensor, metrics: bool = True) -> dict[str, torch.Tensor]:
         """One optimiser step on a batch of standardised tokens; returns its metrics (tensors),
-        or {} without `metrics` (a dozen kernels fewer: on a GPU the host's launches bound a step)."""
-        s, cfg, model = self.sae, self.cfg, self.model
+        or {} without `metrics` (a dozen kernels fewer: on a GPU the host's launches bound a step).
+        On a GPU the metrics of a step replayed from its CUDA graph are overwritten by the next."""
         for group, (base, final) in zip(self.optimizer.param_groups, self.schedules):
-            group["lr"] = base * lr_factor(self.step, self.total_steps, self.warmup, final)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            rate = base * lr_factor(self.step, self.total_steps, self.warmup, final)
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(rate)
+            else:
+                group["lr"] = rate
+        key = self._graph_key(x, metrics)
+        if key is None:
+            row = self._step(x, metrics)
+        else:
+            row = self.graphs.run(key, (self.dead_codes,), lambda static: self._step(static, metrics), x)
+        self.step += 1
+        return row
+
+    def _graph_key(self, x: torch.Tensor, metrics: bool):
+        """What a CUDA graph of this step depends on, or None where the step runs as Python: off
+        a GPU; encoders other than TopK (BatchTopK asks the device for its threshold, the
+        penalised ones steer a coefficient); data-parallel fits; W updated every few steps (its
+        running sum and hull live across steps); steps that read which codes are dead, or choose
+        W's candidate centroids anew."""
+        cfg = self.cfg
+        if self.graphs is None or self.sae.encoder != "topk" or self.ranks.world > 1 or cfg.w_every > 1:
+            return None
+        aux = self.step * len(x) >= cfg.dead_tokens
+        if aux and self.step % DEAD_CHECK_EVERY == 0:
+            return None
+        if self.sae.dictionary == "archetypal" and self.step % cfg.w_refresh == 0:
+            return None
+        return tuple(x.shape), x.dtype, metrics, aux and len(self.dead_codes) > 0
+
+    def _step(self, x: torch.Tensor, metrics: bool) -> dict[str, torch.Tensor]:
+        s, cfg, model = self.sae, self.cfg, self.model
+        # no autocast cache: a CUDA graph must not capture a cast made by an earlier step
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda",
+                            cache_enabled=False):
             atoms = model.dictionary.weight()
             if model.encoder.penalised:  # their penalties read the pre-activations
                 pre = model.pre_activations(x)
@@ -147,11 +185,10 @@ class TrainingStep:
                 fired = fired.to(torch.uint8)
                 torch.distributed.all_reduce(fired, torch.distributed.ReduceOp.MAX)
                 fired = fired.bool()
-            self.silent_tokens = torch.where(fired, 0, self.silent_tokens + batch)
+            self.silent_tokens.add_(batch).masked_fill_(fired, 0)  # in place: a graph reads it
             if model.encoder.penalised:  # steer the penalty towards the target L0
                 ratio = (l0.double() / s.top_k - 1.0).clamp(-1.0, 1.0)
                 self.penalty_coef = (self.penalty_coef * torch.exp(0.01 * ratio)).clamp(1e-6, 1e3)
-        self.step += 1
         if not metrics:
             return {}
         with torch.no_grad():
@@ -198,6 +235,8 @@ class TrainingStep:
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.graphs is not None:  # they read the tensors replaced below
+            self.graphs = StepGraphs(self.device)
         self.silent_tokens = tensors["silent_tokens"].to(self.device)
         self.penalty_coef = tensors["penalty_coef"].to(self.device)
         self.hull_steps = int(tensors.get("hull_steps", 0))

@@ -129,7 +129,7 @@ class Trainer:
                 if logged:
                     rate = tokens / (time.perf_counter() - t0)
                     row = {"step": learner.step, **{k: float(v) for k, v in row.items()},
-                           "lr": learner.optimizer.param_groups[0]["lr"], "epoch": epoch,
+                           "lr": float(learner.optimizer.param_groups[0]["lr"]), "epoch": epoch,
                            "tokens_per_s": rate}
                     log.write(json.dumps(row) + "\n")
                     log.flush()
@@ -202,7 +202,7 @@ def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = F
         check_store(fitdir, old, store)
         old_sae, old_cfg = fit_settings(old)
         differ = (_differences(old_sae, sae, ignore=() if sae.centroids else ("centroids",))
-                  + _differences(old_cfg, cfg, ignore=("device",)))
+                  + _differences(old_cfg, cfg, ignore=FitSettings.RUNTIME))
         if differ:
             raise UserError(f"{fitdir} holds a fit with other settings ({'; '.join(differ)}): "
                             "continue it with its own settings, or write to another folder")
@@ -210,7 +210,8 @@ def fit(store_path, fitdir, sae: SAESettings, cfg: FitSettings, resume: bool = F
             if not resume:
                 raise UserError(f"{fitdir} already holds a finished fit: write to another folder")
             return
-        trainer = Trainer(store_path, fitdir, old_sae, replace(old_cfg, device=cfg.device), progress, ranks)
+        runtime = {key: getattr(cfg, key) for key in FitSettings.RUNTIME}
+        trainer = Trainer(store_path, fitdir, old_sae, replace(old_cfg, **runtime), progress, ranks)
         trainer.resume()
         trainer.run()
     finally:

@@ -343,6 +343,44 @@ def test_auxk_on_the_dead_columns_equals_auxk_on_all_of_them(store, n_dead):
         torch.testing.assert_close(a, b)
 
 
+def test_no_step_replaces_a_tensor_that_a_cuda_graph_of_the_step_reads(store, monkeypatch):
+    """A CUDA graph replays a step's kernels on the tensors it captured (fit/graphs.py): every
+    step, replayed or not, must update the model, Adam's state and the running state in place;
+    only the steps that run as Python may replace the dead codes (the graphs then are dropped),
+    and a replayed step leaves nothing behind for Python (the hull, its running sum). Checked
+    step by step on CPU, through refreshes of W's candidates, dead-code reads and AuxK."""
+    monkeypatch.setattr(step_module, "DEAD_CHECK_EVERY", 4)
+    points = torch.from_numpy(TokenStore(store).sample(64)).float()
+    x = torch.from_numpy(TokenStore(store).sample(128, seed=1)).float()
+    cfg = FitSettings(batch_size=128, dead_tokens=3 * 128, w_refresh=5)
+    learner = TrainingStep(sae_settings("ra", 64, concepts=32, top_k=4, w_candidates=8), cfg, points, 40,
+                           torch.device("cpu"))
+    dictionary = learner.model.dictionary
+
+    def tensors():
+        held = dict(learner.model.state_dict(keep_vars=True))
+        held |= {f"adam {i} {k}": v for i, state in enumerate(learner.optimizer.state.values())
+                 for k, v in state.items()}
+        return held | {"silent": learner.silent_tokens, "penalty": learner.penalty_coef,
+                       "candidate sums": dictionary.candidate_grad_sum}
+
+    learner(x)  # Adam's state is made by the first step
+    replayed = 0
+    for step in range(1, 40):
+        learner.graphs = "stand-in"  # `_graph_key` asks only whether there are graphs
+        key = learner._graph_key(x, metrics=step % 3 == 0)
+        learner.graphs = None
+        before, dead = tensors(), learner.dead_codes
+        learner(x, metrics=step % 3 == 0)
+        after = tensors()
+        assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+        if key is not None:
+            replayed += 1
+            assert learner.dead_codes is dead
+            assert dictionary._hull is None and dictionary.hull_grad_sum is None and learner.hull_steps == 0
+    assert 20 < replayed < 39 and float(dictionary.candidate_grad_sum.abs().sum()) > 0
+
+
 def test_a_step_without_metrics_trains_the_same_model(store):
     points = torch.from_numpy(TokenStore(store).sample(64)).float()
     x = torch.from_numpy(TokenStore(store).sample(128, seed=1)).float()
