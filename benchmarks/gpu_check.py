@@ -34,6 +34,7 @@ from benchmarks.evaluate_scale import HELDOUT_TOKENS, SIZES, TARGET_GB, TARGET_M
 PAPER_CONCEPTS, PAPER_CENTROIDS, PAPER_BATCH = 3840, 32000, 4096
 PAPER_KMEANS_TOKENS = 256 * PAPER_CENTROIDS  # faiss's cap per centroid, our default sample
 GRAPH_STEPS = 300  # steps compared, then timed, with and without CUDA graphs
+SILENT = 64  # codes that never fire in that comparison: AuxK's graphs are in it
 
 
 def parse_args():
@@ -82,8 +83,9 @@ def steps_per_s(store_path: Path, work: Path, sae: str, centroids: str, args, cu
 
 def graphs_against_python(device: str, steps: int = GRAPH_STEPS) -> dict:
     """For TopK and RA-SAE at the paper's size, the step alone (batches already on the GPU,
-    metrics every 20 steps as a fit logs them, AuxK's dead-code reads from step 50 on, W's
-    candidate centroids chosen anew every 50 updates) with and without CUDA graphs: the steps/s
+    metrics every 20 steps as a fit logs them, AuxK's dead-code reads from step 50 on, with
+    `SILENT` codes held silent by their bias so that AuxK runs, W's candidate centroids chosen
+    anew every 50 updates) with and without CUDA graphs: the steps/s
     of each over `steps` steps after as many, and how far apart the models are after the first
     `steps` steps from the same start on the same batches (the largest difference of their
     atoms or encoder rows, relative to the largest entry), against two runs without graphs."""
@@ -113,6 +115,8 @@ def graphs_against_python(device: str, steps: int = GRAPH_STEPS) -> dict:
             cfg = FitSettings(batch_size=PAPER_BATCH, device=device, cuda_graphs=graphs,
                               dead_tokens=50 * PAPER_BATCH)
             step = TrainingStep(settings, cfg, points if sae == "ra" else None, 10 ** 6, dev)
+            with torch.no_grad():
+                step.model.enc.bias[:SILENT] = -1e3
             for i in range(steps):
                 step(xs[i % len(xs)], metrics=i % 20 == 19)
             models.append(learned(step))

@@ -16,32 +16,31 @@ import torch
 
 
 class StepGraphs:
-    """Captured steps by key, each with its static input and outputs. `generation`: the tensors
-    the captured steps read that a Python step may replace (the dead codes AuxK works on); when
-    one is replaced, every graph is dropped."""
+    """Captured steps by key, each with its static input and outputs, and its generation: the
+    tensors it reads that a Python step may replace (the dead codes AuxK works on). A graph
+    whose generation was replaced is captured anew."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.graphs: dict = {}  # key -> (graph, static input, outputs)
+        self.graphs: dict = {}  # key -> (graph, static input, outputs, generation)
         self.seen: set = set()
-        self.generation: tuple = ()
         self.stream = torch.cuda.Stream(device)
 
     def run(self, key, generation: tuple, step: Callable[[torch.Tensor], dict], x: torch.Tensor) -> dict:
         """step(x), from its graph when one is captured; its outputs are overwritten by the next
         replay."""
-        if len(generation) != len(self.generation) or any(a is not b for a, b in zip(generation, self.generation)):
-            self.graphs.clear()
-            self.generation = generation
         with torch.cuda.device(self.device):
-            return self._run(key, step, x)
+            entry = self.graphs.get(key)
+            if entry is not None and len(entry[3]) == len(generation) and \
+                    all(a is b for a, b in zip(entry[3], generation)):
+                graph, static, out, _ = entry
+                static.copy_(x)
+                graph.replay()
+                return out
+            self.graphs.pop(key, None)  # its memory goes back before the next capture
+            return self._capture(key, generation, step, x)
 
-    def _run(self, key, step, x):
-        if key in self.graphs:
-            graph, static, out = self.graphs[key]
-            static.copy_(x)
-            graph.replay()
-            return out
+    def _capture(self, key, generation, step, x):
         self.stream.wait_stream(torch.cuda.current_stream())
         if key not in self.seen:  # warm-up, on the stream the capture will use
             self.seen.add(key)
@@ -51,9 +50,16 @@ class StepGraphs:
             return out
         static = x.clone()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the loader's thread may pin memory while this one captures
-        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-            out = step(static)
-        self.graphs[key] = (graph, static, out)
+        torch.cuda.synchronize()
+        # not `torch.cuda.graph`, which empties the device's and the pinned host memory's caches
+        # first (the loader's pinned batches then go back to cudaHostAlloc); thread_local: the
+        # loader's thread may pin memory while this one captures
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                out = step(static)
+            finally:
+                graph.capture_end()
+        self.graphs[key] = (graph, static, out, generation)
         graph.replay()
         return out

@@ -110,8 +110,9 @@ class TrainingStep:
         key = self._graph_key(x, metrics)
         if key is None:
             row = self._step(x, metrics)
-        else:
-            row = self.graphs.run(key, (self.dead_codes,), lambda static: self._step(static, metrics), x)
+        else:  # a graph with AuxK reads the dead codes
+            reads = (self.dead_codes,) if key[-1] else ()
+            row = self.graphs.run(key, reads, lambda static: self._step(static, metrics), x)
         self.step += 1
         return row
 
@@ -156,7 +157,9 @@ class TrainingStep:
             batch = len(x) * self.ranks.world
             if self.step * batch >= cfg.dead_tokens:  # before that no code can be dead yet
                 if self.step % DEAD_CHECK_EVERY == 0:
-                    self.dead_codes = torch.nonzero(dead).flatten()
+                    now = torch.nonzero(dead).flatten()
+                    if not torch.equal(now, self.dead_codes):  # kept, a CUDA graph reads it
+                        self.dead_codes = now
                 if len(self.dead_codes):
                     aux = self._aux_loss(x, atoms, x - x_hat.detach().float(), dead)
                     loss = loss + cfg.aux_alpha * aux
