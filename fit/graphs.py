@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from archsae.errors import UserError
+
 
 class StepGraphs:
     """Captured steps by key, each with its static input and outputs, and its generation: the
@@ -54,12 +56,17 @@ class StepGraphs:
         # not `torch.cuda.graph`, which empties the device's and the pinned host memory's caches
         # first (the loader's pinned batches then go back to cudaHostAlloc); thread_local: the
         # loader's thread may pin memory while this one captures
-        with torch.cuda.stream(self.stream):
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                out = step(static)
-            finally:
-                graph.capture_end()
+        try:
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    out = step(static)
+                finally:
+                    graph.capture_end()
+        except Exception as exc:  # the step's own state is half-updated: no going on from here
+            raise UserError(f"capturing the training step as a CUDA graph failed ({type(exc).__name__}: "
+                            f"{str(exc)[:200]}): resume with --no-cuda-graphs (the last checkpoint is "
+                            "intact)") from exc
         self.graphs[key] = (graph, static, out, generation)
         graph.replay()
         return out
