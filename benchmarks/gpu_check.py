@@ -67,7 +67,8 @@ def kmeans(store_path: Path, niter: int) -> dict:
 
 def steps_per_s(store_path: Path, work: Path, sae: str, centroids: str, args, cuda_graphs: bool = True) -> float:
     """Steps/s of a fit as users run it, from its own metrics.jsonl, leaving out the steps
-    before the first logged row (start-up: allocations, kernel choice, first batches)."""
+    before the second logged row (start-up: allocations, kernel choice, first batches, and the
+    CUDA graphs' warm-up and capture: a logged step's graph is captured at the second)."""
     from archsae.fit import FitSettings, fit, sae_settings
 
     settings = sae_settings(sae, PAPER_D, PAPER_CONCEPTS, centroids=centroids if sae == "ra" else None)
@@ -76,7 +77,7 @@ def steps_per_s(store_path: Path, work: Path, sae: str, centroids: str, args, cu
     out = work / f"fit-{sae}"
     fit(store_path, out, settings, cfg, progress=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first, last = rows[0], rows[-1]
+    first, last = rows[1], rows[-1]
     t = [r["step"] * PAPER_BATCH / r["tokens_per_s"] for r in (first, last)]
     return (last["step"] - first["step"]) / (t[1] - t[0])
 
