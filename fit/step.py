@@ -10,6 +10,9 @@ regardless of whether firing helps the reconstruction. Which codes are dead is r
 device every `DEAD_CHECK_EVERY` steps, and until the next read AuxK runs on those codes alone
 (the ones among them still dead): a few columns of the pre-activations and atoms instead of a
 k-wide top-k, codes and decode, and nothing at all when none was dead.
+
+On a GPU most steps are replayed from CUDA graphs (`archsae.fit.graphs`; `_graph_key` says which
+are not), so a step updates its state in place and never replaces a tensor a graph reads.
 """
 
 import math
