@@ -7,7 +7,7 @@ A graph replays the kernels on the addresses it captured: every tensor a step up
 updated in place, and a step that changes the work's structure or asks the device a question
 runs as Python (`TrainingStep` says which). A graph is captured the second time its key is
 seen (the first run is the warm-up: lazily made state, Adam's moments, cuBLAS's workspace),
-and again whenever a tensor it reads was replaced (`StepGraphs.run`'s generation).
+and again whenever a tensor it reads was replaced (`StepGraphs.run`'s `reads`).
 """
 
 from typing import Callable
@@ -18,31 +18,31 @@ from archsae.errors import UserError
 
 
 class StepGraphs:
-    """Captured steps by key, each with its static input and outputs, and its generation: the
-    tensors it reads that a Python step may replace (the dead codes AuxK works on). A graph
-    whose generation was replaced is captured anew."""
+    """Captured steps by key, each with its static input and outputs, and the tensor it reads
+    that a Python step may replace (the dead codes AuxK works on; None for the others). A graph
+    whose tensor was replaced is captured anew."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.graphs: dict = {}  # key -> (graph, static input, outputs, generation)
+        self.graphs: dict = {}  # key -> (graph, static input, outputs, the replaceable tensor read)
         self.seen: set = set()
         self.stream = torch.cuda.Stream(device)
 
-    def run(self, key, generation: tuple, step: Callable[[torch.Tensor], dict], x: torch.Tensor) -> dict:
+    def run(self, key, reads: torch.Tensor | None, step: Callable[[torch.Tensor], dict],
+            x: torch.Tensor) -> dict:
         """step(x), from its graph when one is captured; its outputs are overwritten by the next
         replay."""
         with torch.cuda.device(self.device):
             entry = self.graphs.get(key)
-            if entry is not None and len(entry[3]) == len(generation) and \
-                    all(a is b for a, b in zip(entry[3], generation)):
+            if entry is not None and entry[3] is reads:
                 graph, static, out, _ = entry
                 static.copy_(x)
                 graph.replay()
                 return out
             self.graphs.pop(key, None)  # its memory goes back before the next capture
-            return self._capture(key, generation, step, x)
+            return self._capture(key, reads, step, x)
 
-    def _capture(self, key, generation, step, x):
+    def _capture(self, key, reads, step, x):
         self.stream.wait_stream(torch.cuda.current_stream())
         if key not in self.seen:  # warm-up, on the stream the capture will use
             self.seen.add(key)
@@ -67,6 +67,6 @@ class StepGraphs:
             raise UserError(f"capturing the training step as a CUDA graph failed ({type(exc).__name__}: "
                             f"{str(exc)[:200]}): resume with --no-cuda-graphs (the last checkpoint is "
                             "intact)") from exc
-        self.graphs[key] = (graph, static, out, generation)
+        self.graphs[key] = (graph, static, out, reads)
         graph.replay()
         return out

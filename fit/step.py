@@ -114,7 +114,7 @@ class TrainingStep:
         if key is None:
             row = self._step(x, metrics)
         else:  # a graph with AuxK reads the dead codes
-            reads = (self.dead_codes,) if key[-1] else ()
+            reads = self.dead_codes if key[-1] else None
             row = self.graphs.run(key, reads, lambda static: self._step(static, metrics), x)
         self.step += 1
         return row
@@ -125,15 +125,22 @@ class TrainingStep:
         penalised ones steer a coefficient); data-parallel fits; W updated every few steps (its
         running sum and hull live across steps); steps that read which codes are dead, or choose
         W's candidate centroids anew."""
-        cfg = self.cfg
-        if self.graphs is None or self.sae.encoder != "topk" or self.ranks.world > 1 or cfg.w_every > 1:
+        if self.graphs is None or self.sae.encoder != "topk" or self.ranks.world > 1 or self.cfg.w_every > 1:
             return None
-        aux = self.step * len(x) >= cfg.dead_tokens
-        if aux and self.step % DEAD_CHECK_EVERY == 0:
-            return None
-        if self.sae.dictionary == "archetypal" and self.step % cfg.w_refresh == 0:
+        aux, read = self._auxk_due(len(x))
+        if read or (self.sae.dictionary == "archetypal" and self._refreshes_candidates()):
             return None
         return tuple(x.shape), x.dtype, metrics, aux and len(self.dead_codes) > 0
+
+    def _auxk_due(self, batch: int) -> tuple[bool, bool]:
+        """(AuxK may run this step, which codes are dead is read first): no code can be dead
+        before `dead_tokens` tokens."""
+        aux = self.step * batch >= self.cfg.dead_tokens
+        return aux, aux and self.step % DEAD_CHECK_EVERY == 0
+
+    def _refreshes_candidates(self) -> bool:
+        """Whether this step's update of W chooses its candidate centroids anew."""
+        return self.step // self.cfg.w_every % self.cfg.w_refresh == 0
 
     def _step(self, x: torch.Tensor, metrics: bool) -> dict[str, torch.Tensor]:
         s, cfg, model = self.sae, self.cfg, self.model
@@ -158,8 +165,9 @@ class TrainingStep:
             dead = self.silent_tokens >= cfg.dead_tokens
             aux = None
             batch = len(x) * self.ranks.world
-            if self.step * batch >= cfg.dead_tokens:  # before that no code can be dead yet
-                if self.step % DEAD_CHECK_EVERY == 0:
+            aux_due, read = self._auxk_due(batch)
+            if aux_due:
+                if read:
                     now = torch.nonzero(dead).flatten()
                     if not torch.equal(now, self.dead_codes):  # kept, a CUDA graph reads it
                         self.dead_codes = now
@@ -175,8 +183,7 @@ class TrainingStep:
         if s.dictionary == "archetypal":
             model.dictionary.collect_hull_gradient()
             if update_w:  # W's gradient, else W is left alone
-                refresh = self.step // cfg.w_every % cfg.w_refresh == 0
-                old = model.dictionary.hull_gradient_to_W(self.hull_steps, refresh)
+                old = model.dictionary.hull_gradient_to_W(self.hull_steps, self._refreshes_candidates())
                 if old is not None:
                     self._follow_candidates(old)
         if cfg.clip_grad:
