@@ -3,9 +3,11 @@ of the same array into memory, into a reused buffer through zarr, and chunk by c
 into a reused buffer (`read_chunks_into`, the loader's own decode, with nothing else: the
 strictest baseline), in one run on the same store, as float16 and converted to int8
 (`archsae convert`):
-- raw: the stored values, shuffled, handed over as they are (what a GPU fit reads: the device
-  decodes and standardises them);
-- standardised: float32 batches standardised on the host (what a CPU fit reads).
+- raw: the stored values for a device (what a GPU fit reads): the host's whole part of that path,
+  each shuffle window decoded and its order drawn (`TokenStore.windows`); the window is then
+  copied whole to the GPU, which gathers, decodes and standardises the batches (measured there by
+  `make gpu-check`, a fit fed from a store);
+- standardised: float32 batches gathered and standardised on the host (what a CPU fit reads).
 Then the int8 error on a store of real activations (the demo's): bytes per value on disk and
 R^2 of the values read back against the original ones.
 
@@ -91,7 +93,7 @@ def measure(store, args) -> float:
         read_chunks_into(store.tokens, pieces)
         chunked.append(time.perf_counter() - t)
         t = time.perf_counter()
-        n = sum(len(b) for b in loader.batches(args.batch_size, seed=r, raw=True))
+        n = sum(len(order) for _, order in loader.windows(seed=r))
         raw.append(time.perf_counter() - t)
         t = time.perf_counter()
         sum(len(b) for b in loader.batches(args.batch_size, seed=r))
@@ -103,8 +105,9 @@ def measure(store, args) -> float:
           f"{torch.get_num_threads()}, batch {args.batch_size}")
     print(f"sequential read into memory: {seq_rate:,.0f} tokens/s; into a reused buffer through zarr: "
           f"{into_rate:,.0f} tokens/s; chunk by chunk straight into it: {chunk_rate:,.0f} tokens/s")
-    print(f"TokenStore train split, raw {store.attrs['dtype']} batches: {raw_rate:,.0f} tokens/s; "
-          f"standardised float32 on the host: {std_rate:,.0f} tokens/s")
+    print(f"TokenStore train split, raw {store.attrs['dtype']} windows for a device (batches gathered "
+          f"there): {raw_rate:,.0f} tokens/s; batches standardised to float32 on the host: "
+          f"{std_rate:,.0f} tokens/s")
     suffix = "" if store.attrs["dtype"] == "float16" else f"_{store.attrs['dtype']}"
     result(f"loader_tokens_per_s{suffix}", raw_rate, ">=", 1100000)
     result(f"loader_standardised_tokens_per_s{suffix}", std_rate, ">=", 650000)

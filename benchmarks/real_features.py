@@ -9,11 +9,13 @@ the demo's dictionaries: the store supports them, and at 512 concepts RA-SAE tra
   its encoder started along its random atoms (`--encoder-init tied`, RA-SAE's init); then
   RA-SAE and the centroid-bound controls across centroid sets of different K-means seeds;
 - the reference library's TopKSAE (overcomplete 0.3.0, its own `train_sae` loop, Adam 5e-4 as in
-  its examples) on the same standardised train tokens in the same batches, one run per seed of
-  ours, scored on the same held-out tokens by the same metric code (means against means);
-- TopK and the reference's TopKSAE again at a larger learning rate (`--topk-lr`): at the default
-  rate, shared by every SAE, TopK is far from converged in this budget, so RA-SAE is also
-  compared with the better of TopK's two rates (docs/fit.md);
+  its examples) on the same standardised train tokens in the same batches, against our TopK,
+  seed for seed over `--compare-seeds` seeds (the study's runs and more: two seeds differ by
+  about as much as the two libraries, docs/fit.md), scored on the same held-out tokens by the
+  same metric code (means against means, with the standard error of their difference);
+- TopK and the reference's TopKSAE again at a larger learning rate (`--topk-lr`), as many seeds:
+  at the default rate, shared by every SAE, TopK is far from converged in this budget, so
+  RA-SAE is also compared with the better of TopK's two rates (docs/fit.md);
 - soft identifiability of RA-SAE and TopK on the demo's collage stores (`--identifiability`, the
   folder `archsae bench identifiability` wrote; its stores are reused, the fits are redone).
 
@@ -45,22 +47,25 @@ def parse_args():
     ap.add_argument("--sample", type=int, default=131072, help="tokens given to K-means")
     ap.add_argument("--niter", type=int, default=10, help="K-means iterations")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=2, help="runs per variant of the studies")
+    ap.add_argument("--compare-seeds", type=int, default=6,
+                    help="seeds of our TopK and the reference's TopKSAE (at least --seeds)")
     ap.add_argument("--topk-lr", type=float, default=2e-3,
                     help="the larger learning rate TopK and the reference are also fitted at")
     ap.add_argument("--reference", action="store_true", help="(internal) fit the reference only")
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.compare_seeds < args.seeds:
+        ap.error(f"--compare-seeds {args.compare_seeds} is fewer than --seeds {args.seeds}: "
+                 "the comparison reuses the study's TopK runs, use at least as many")
+    return args
 
 
 def reference(args) -> dict:
     """The reference's TopKSAE, one run per seed of ours (same seeds, so the same batches in the
     same order), trained by its own loop and evaluated by our code, at our default learning rate
-    and at `--topk-lr`; R^2 is the mean over seeds."""
-    out = {}
-    for key, lr in (("default_lr", FitSettings.lr), ("topk_lr", args.topk_lr)):
-        runs = [reference_run(args, seed, lr) for seed in range(args.seeds)]
-        out[key] = {"r2": statistics.mean(r["r2"] for r in runs), "runs": runs}
-    return out
+    and at `--topk-lr`."""
+    return {key: [reference_run(args, seed, lr) for seed in range(args.compare_seeds)]
+            for key, lr in (("default_lr", FitSettings.lr), ("topk_lr", args.topk_lr))}
 
 
 def reference_run(args, seed: int, lr: float) -> dict:
@@ -115,18 +120,31 @@ def studies(args, work: Path) -> tuple[dict, dict]:
     return seeds["variants"], sets["variants"]
 
 
-def topk_at(args, lr: float, work: Path) -> list[float]:
+def topk_at(args, lr: float, seeds: range, work: Path) -> list[float]:
     """Held-out R^2 of our TopK at learning rate `lr`, one fit per seed (`archsae fit --lr`)."""
     from archsae.evaluate.run import evaluate_fit
     from archsae.fit import fit, sae_settings
 
     sae = sae_settings("topk", open_store(args.store).d, concepts=args.concepts, top_k=args.top_k)
     r2 = []
-    for seed in range(args.seeds):
-        fit(args.store, work / f"topk-lr-{seed}", sae, FitSettings(epochs=args.epochs, seed=seed, lr=lr),
-            progress=False)
-        r2.append(evaluate_fit(work / f"topk-lr-{seed}", progress=False)["metrics"]["all"]["r2"])
+    for seed in seeds:
+        folder = work / f"topk-lr{lr:g}-seed{seed}"
+        fit(args.store, folder, sae, FitSettings(epochs=args.epochs, seed=seed, lr=lr), progress=False)
+        r2.append(evaluate_fit(folder, progress=False)["metrics"]["all"]["r2"])
     return r2
+
+
+def against_reference(ours: list[float], theirs: list[dict], label: str) -> float:
+    """Print our TopK's and the reference's held-out R^2 seed by seed, their means and the
+    standard error of the mean difference (paired by seed: same batches); return the difference."""
+    reference_r2 = [run["r2"] for run in theirs]
+    differences = [a - b for a, b in zip(ours, reference_r2)]
+    error = statistics.stdev(differences) / len(differences) ** 0.5 if len(differences) > 1 else float("nan")
+    by_seed = [", ".join(f"{v:.4f}" for v in values) for values in (ours, reference_r2)]
+    print(f"{label}, {len(ours)} seeds: our TopK {statistics.mean(ours):.4f} ({by_seed[0]}), the "
+          f"reference's TopKSAE {statistics.mean(reference_r2):.4f} ({by_seed[1]}); difference "
+          f"{statistics.mean(differences):+.4f} +- {error:.4f} (standard error)")
+    return statistics.mean(differences)
 
 
 def identifiability(args) -> dict | None:
@@ -153,9 +171,11 @@ def main() -> None:
           f"{store.n_images} images; {args.concepts} concepts, top-k {args.top_k}, "
           f"{args.n_centroids} centroids, {args.epochs} epochs, {args.seeds} runs per variant")
     ref = run_reference("benchmarks.real_features", sys.argv[1:])
+    more = range(args.seeds, args.compare_seeds)
     with tempfile.TemporaryDirectory(prefix="archsae-real-") as work:
         seeds, sets = studies(args, Path(work))
-        fast = topk_at(args, args.topk_lr, Path(work))
+        ours = seeds["topk"]["heldout_r2"] + topk_at(args, FitSettings.lr, more, Path(work))
+        fast = topk_at(args, args.topk_lr, range(args.compare_seeds), Path(work))
     r2 = {name: statistics.mean(v["heldout_r2"]) for name, v in seeds.items()}
     w = max(map(len, seeds))
     print(f"{'variant':{w}s} {'R^2':>7s} {'dead':>6s} {'stab. seeds':>12s} {'stab. centroid sets':>20s}")
@@ -163,25 +183,22 @@ def main() -> None:
         across = sets.get(name, {}).get("mean")
         print(f"{name:{w}s} {r2[name]:7.4f} {v['first_run']['metrics']['all']['dead']:6.3f} "
               f"{v['mean']:12.4f} {'-' if across is None else f'{across:.4f}':>20s}")
-    ref, ref_fast = ref["default_lr"], ref["topk_lr"]
-    theirs = ", ".join(f"{r['r2']:.4f}" for r in ref["runs"])
-    ours = ", ".join(f"{v:.4f}" for v in seeds["topk"]["heldout_r2"])
-    print(f"{'reference TopKSAE':{w}s} {ref['r2']:7.4f} {ref['runs'][0]['dead']:6.3f}   "
-          f"(by seed: {theirs}; our TopK: {ours})")
-    fast_r2 = statistics.mean(fast)
-    by_seed = [", ".join(f"{v:.4f}" for v in values) for values in (fast, [r["r2"] for r in ref_fast["runs"]])]
-    print(f"at lr {args.topk_lr:g} (default {FitSettings.lr:g}): our TopK {fast_r2:.4f} (by seed: "
-          f"{by_seed[0]}), the reference's TopKSAE {ref_fast['r2']:.4f} (by seed: {by_seed[1]})")
+    print(f"the reference's TopKSAE: dead {ref['default_lr'][0]['dead']:.3f} (seed 0); below, TopK's R^2 "
+          f"is the mean over {args.compare_seeds} seeds, the first {args.seeds} the study's")
+    versus = against_reference(ours, ref["default_lr"], f"at lr {FitSettings.lr:g} (the default)")
+    versus_fast = against_reference(fast, ref["topk_lr"], f"at lr {args.topk_lr:g}")
+    topk_r2, fast_r2 = statistics.mean(ours), statistics.mean(fast)
     print(f"TopK, random init: stability across seeds {seeds['topk']['mean']:.4f}")
     # R^2 differences to 4 decimals: a gap of a few 1e-4 is within the seeds' spread, and 3
     # decimals would print it as -0.000
-    result("real_ra_r2_minus_topk_r2", r2["ra"] - r2["topk"], ">=", -0.01, digits=4)
+    result("real_ra_r2_minus_topk_r2", r2["ra"] - topk_r2, ">=", -0.01, digits=4)
     result("real_ra_minus_a_r2", r2["ra"] - r2["a"], ">=", 0, digits=4)
     result("real_dead_ra", seeds["ra"]["first_run"]["metrics"]["all"]["dead"], "<=", 0.05)
-    result("real_topk_r2_minus_reference_topk_r2", r2["topk"] - ref["r2"], ">=", 0, digits=4)
-    result("real_topk_r2_minus_reference_topk_r2_at_topk_lr", fast_r2 - ref_fast["r2"], ">=", 0, digits=4)
-    result("real_ra_r2_minus_best_topk_r2", r2["ra"] - max(r2["topk"], fast_r2), ">=", -0.01, digits=4)
-    print(f"TopK with the tied encoder init minus the reference: {r2['topk-tied-encoder'] - ref['r2']:+.4f}")
+    result("real_topk_r2_minus_reference_topk_r2", versus, ">=", 0, digits=4)
+    result("real_topk_r2_minus_reference_topk_r2_at_topk_lr", versus_fast, ">=", 0, digits=4)
+    result("real_ra_r2_minus_best_topk_r2", r2["ra"] - max(topk_r2, fast_r2), ">=", -0.01, digits=4)
+    print(f"TopK with the tied encoder init minus the reference (its first {args.seeds} seeds): "
+          f"{r2['topk-tied-encoder'] - statistics.mean(r['r2'] for r in ref['default_lr'][:args.seeds]):+.4f}")
     for name, v in seeds.items():  # each variant against TopK, random init (either encoder init)
         if name in ("topk", "topk-tied-encoder"):
             continue

@@ -4,11 +4,13 @@ An epoch is fixed by (seed, epoch) alone: the order of the units is permuted, co
 are grouped into shuffle windows of about `shuffle_tokens` tokens, and each window's tokens are
 permuted. Batches are consecutive slices of that stream, so batch `b` of an epoch can be
 reached without reading what comes before it (exact resume). A window's chunks are read and
-decompressed concurrently in zarr's event loop while the window before it is served; batch
-assembly and standardisation run in a producer thread; the caller only takes finished tensors
-off a queue.
+decompressed concurrently in zarr's event loop while the window before it is used. For a CPU
+fit, batches are gathered and standardised on the host in a thread of their own; for a GPU fit,
+each window travels whole and its batches are gathered there (the host's share is the decode:
+a gather cost the 2-core host as much CPU as half the decode).
 """
 
+import contextlib
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -77,7 +79,7 @@ class TokenStore:
         self._dense = 2 * self.n_tokens >= self._unit_rows[self.unit_tokens > 0].sum()
         # window buffers of finished epochs, for the next: fresh memory costs a page fault per
         # page, which on these machines took 0.06-1.4 s per 400 MB window
-        self._idle_buffers: list[list[np.ndarray]] = []
+        self._idle_buffers: list[tuple[bool, list[np.ndarray]]] = []  # (pinned, buffers)
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Stored values (a raw batch, on any device) -> float32 activations, not standardised."""
@@ -120,14 +122,14 @@ class TokenStore:
 
     def _load(self, window: np.ndarray, space: np.ndarray,
               scratch: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """The units of a window decoded: (buffer, rows of its selected tokens in the buffer).
-        When most stored tokens are selected (all tokens or patches; the train split leaves
-        out only held-out images), whole units are decoded in place and the rows skip the rest:
-        the batch gather is the only copy. Otherwise (CLS or register tokens), a few units at a
-        time are decoded into a scratch buffer and their selected rows copied out."""
+        """The units of a window decoded: (the part of `space` they fill, rows of their selected
+        tokens in it). When most stored tokens are selected (all tokens or patches; the train
+        split leaves out only held-out images), whole units are decoded in place and the rows
+        skip the rest: the batch gather is the only copy. Otherwise (CLS or register tokens), a
+        few units at a time are decoded into a scratch buffer and their selected rows copied out."""
         if self._dense:
             self._decode(window, space)
-            return space, self._selected_rows(window)
+            return space[:self._unit_rows[window].sum()], self._selected_rows(window)
         got = 0
         for i in range(0, len(window), self._per_call):
             units = window[i:i + self._per_call]
@@ -135,18 +137,20 @@ class TokenStore:
             rows = self._selected_rows(units)
             np.take(scratch, rows, axis=0, out=space[got:got + len(rows)], mode="clip")
             got += len(rows)
-        return space, np.arange(got)
+        return space[:got], np.arange(got)
 
-    def _window_buffers(self, rows: int) -> list[np.ndarray]:
-        """Two window buffers of at least `rows` rows (one served, one loading), and a scratch
-        buffer when windows are compacted: an idle set if one is large enough, else new."""
-        while self._idle_buffers:
-            buffers = self._idle_buffers.pop()
-            if len(buffers[0]) >= rows:
-                return buffers
-        stored = self.store.attrs["dtype"]
-        scratch = [] if self._dense else [np.empty((self._per_call * self._unit_rows.max(), self.d), stored)]
-        return [np.empty((rows, self.d), stored) for _ in range(2)] + scratch
+    def _window_buffers(self, rows: int, pin: bool) -> tuple[bool, list[np.ndarray]]:
+        """Two window buffers of at least `rows` rows (one in use, one loading), in page-locked
+        memory if `pin` (they are copied to a GPU), and a scratch buffer when windows are
+        compacted: an idle set if one fits, else new."""
+        for i, (pinned, buffers) in enumerate(self._idle_buffers):
+            if pinned == pin and len(buffers[0]) >= rows:
+                return self._idle_buffers.pop(i)
+        stored = torch.from_numpy(np.empty(0, self.store.attrs["dtype"])).dtype
+        scratch = [] if self._dense else [np.empty((self._per_call * self._unit_rows.max(), self.d),
+                                                   self.store.attrs["dtype"])]
+        return pin, [torch.empty((rows, self.d), dtype=stored, pin_memory=pin).numpy()
+                     for _ in range(2)] + scratch
 
     def sample(self, n: int, seed: int = 0, progress: bool = False) -> np.ndarray:
         """A uniform sample of min(n, n_tokens) rows (float32, standardised if the loader is):
@@ -176,119 +180,176 @@ class TokenStore:
             windows.append(np.array(current))
         return windows
 
-    def batches(self, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0,
-                shuffle: bool = True, drop_last: bool = True, raw: bool = False,
-                part: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
-        """Yield float32 batches (batch_size, d) of epoch `epoch`, beginning at batch `start`.
-        `raw`: the stored values instead (float16 or int8: a half or a quarter of the bytes to
-        move), in pinned memory when CUDA is there, for the device to `decode` and standardise.
-        `part=(i, n)`: the i-th of n equal slices of each batch (data-parallel fits: the batch is
-        the global one; every process decodes the same chunks and gathers only its slice)."""
+    def windows(self, seed: int = 0, epoch: int = 0, skip: int = 0, shuffle: bool = True,
+                pin: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Epoch `epoch` as its shuffle windows, from its token `skip` on: (rows, order) per
+        window, its decoded rows (stored dtype) and the rows of its tokens in epoch order. Window
+        w+1 is decoded (in page-locked memory if `pin`) while w is used; w's rows are valid
+        until the next window is asked for."""
         units = np.flatnonzero(self.unit_tokens)
         rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(units) if shuffle else units
-        windows = self._windows(order)
-        sizes = np.array([self.unit_tokens[w].sum() for w in windows])
-        ends = np.cumsum(sizes)
-        offset = start * batch_size
-        if offset >= self.n_tokens:
+        windows = self._windows(rng.permutation(units) if shuffle else units)
+        ends = np.cumsum([self.unit_tokens[w].sum() for w in windows])
+        if skip >= self.n_tokens:
             return
-        first = int(np.searchsorted(ends, offset, side="right"))
-        skip = offset - (ends[first] - sizes[first])
-        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        producer = threading.Thread(
-            target=self._produce, daemon=True,
-            args=(windows, first, skip, batch_size, seed, epoch, shuffle, drop_last, raw, part, out, stop))
-        producer.start()
-        try:
-            while (item := out.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while producer.is_alive():
-                try:
-                    out.get_nowait()
-                except queue.Empty:
-                    producer.join(0.05)
-
-    def _produce(self, windows, first, skip, batch_size, seed, epoch, shuffle, drop_last, raw, part,
-                 out, stop):
-        pin = raw and torch.cuda.is_available()
-        index, parts = part
-
-        def take(buf: np.ndarray, rows: np.ndarray, into: torch.Tensor | None = None) -> torch.Tensor:
-            # numpy's single-threaded gather: with the cores busy (a CPU fit's step), torch's
-            # parallel index_select of float16 / int8 rows ran 3-8x slower (as fast when idle);
-            # mode="clip" writes straight into `into` (rows are a permutation's: in range)
-            into = (torch.empty((len(rows), self.d), dtype=dtype, pin_memory=pin) if into is None
-                    else into[:len(rows)])
-            np.take(buf, rows, axis=0, out=into.numpy(), mode="clip")
-            return into
-
-        def mine(rows):
-            """This process's slice of a batch (of row indices, or of rows)."""
-            size = len(rows) // parts
-            return rows[index * size:(index + 1) * size] if parts > 1 else rows
-
-        def emit(rows: torch.Tensor) -> bool:
-            if raw:
-                x = rows.pin_memory() if pin and not rows.is_pinned() else rows
-            else:
-                x = torch.addcmul(shift, rows, scale) if self.standardize else self.decode(rows)
-            while not stop.is_set():
-                try:
-                    out.put(x, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        # standardised = (decoded - mean) / std, with an int8 store's affine decode folded in
-        q_scale, q_offset = self.quantisation or (torch.ones(self.d), torch.zeros(self.d))
-        scale = q_scale / self.std
-        shift = (q_offset - self.mean) / self.std
-        largest = max((self._unit_rows if self._dense else self.unit_tokens)[w].sum() for w in windows)
-        buffers = self._window_buffers(largest)
-        spaces, scratch = buffers[:2], buffers[2] if len(buffers) > 2 else None
-        dtype = torch.from_numpy(spaces[0][:0]).dtype
-        # standardising makes a new tensor of a batch at once, so its rows are gathered into one
-        # reused buffer: a fresh one per batch cost more page faults than the gather itself
-        gathered = torch.empty((batch_size, self.d), dtype=dtype) if self.standardize and not raw else None
+        first = int(np.searchsorted(ends, skip, side="right"))
+        skip -= ends[first - 1] if first else 0
+        largest = max((self._unit_rows if self._dense else self.unit_tokens)[w].sum() for w in windows[first:])
+        buffers = self._window_buffers(largest, pin)
+        spaces, scratch = buffers[1][:2], (buffers[1][2:] or [None])[0]
         try:
             with ThreadPoolExecutor(1) as reader:
-                pending = None  # the rows of a batch that straddles two windows
                 ahead = reader.submit(self._load, windows[first], spaces[first % 2], scratch)
-                for w in range(first, len(windows)):  # window w+1 loads while w is served
-                    buf, selected = ahead.result()
+                for w in range(first, len(windows)):
+                    rows, selected = ahead.result()
                     if w + 1 < len(windows):
                         ahead = reader.submit(self._load, windows[w + 1], spaces[(w + 1) % 2], scratch)
                     order = selected[np.random.default_rng([seed, epoch, w]).permutation(len(selected))
                                      if shuffle else slice(None)]
-                    if w == first:
-                        order = order[skip:]
-                    i = 0
-                    if pending is not None:
-                        need = batch_size - len(pending)
-                        pending = torch.cat([pending, take(buf, order[:need])])
-                        i = min(need, len(order))
-                        if len(pending) == batch_size:
-                            if not emit(mine(pending)):
-                                return
-                            pending = None
-                    while i + batch_size <= len(order):  # only this process's rows are gathered
-                        if not emit(take(buf, mine(order[i:i + batch_size]), gathered)):
-                            return
-                        i += batch_size
-                    if i < len(order):
-                        rest = take(buf, order[i:])
-                        pending = rest if pending is None else torch.cat([pending, rest])
-                if pending is not None and not drop_last:
-                    emit(mine(pending))
-            out.put(None)
+                    yield rows, order[skip:] if w == first else order
+        finally:
+            self._idle_buffers.append(buffers)
+
+    def batches(self, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0,
+                shuffle: bool = True, drop_last: bool = True, device: torch.device | None = None,
+                part: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
+        """Yield batches (batch_size, d) of epoch `epoch`, beginning at batch `start`: float32,
+        standardised (or decoded only, if the loader does not standardise), assembled in a
+        thread of their own.
+        `device`: the stored values on that device instead (float16 or int8: a half or a quarter
+        of the bytes to move), for it to `decode` and standardise: each window travels whole
+        (page-locked, on a stream of its own on a GPU) and its batches are gathered there, so the
+        host only decodes chunks.
+        `part=(i, n)`: the i-th of n equal slices of each batch (data-parallel fits: the batch is
+        the global one; every process decodes the same chunks and gathers only its slice)."""
+        skip = start * batch_size
+        if device is None:
+            yield from _in_thread(self._host_batches(self.windows(seed, epoch, skip, shuffle), batch_size,
+                                                     drop_last, part), self.prefetch)
+            return
+        pinned = device.type == "cuda"
+        moved = _in_thread(_to_device(self.windows(seed, epoch, skip, shuffle, pin=pinned), device), 1)
+        yield from _cut(_received(moved), batch_size, drop_last, part,
+                        lambda rows, order, whole: rows.index_select(0, order))
+
+    def _host_batches(self, windows, batch_size, drop_last, part) -> Iterator[torch.Tensor]:
+        """Batches gathered on the host from `windows`, standardised."""
+        # standardised = (decoded - mean) / std, with an int8 store's affine decode folded in
+        q_scale, q_offset = self.quantisation or (torch.ones(self.d), torch.zeros(self.d))
+        scale, shift = q_scale / self.std, (q_offset - self.mean) / self.std
+        # when standardised, a batch's rows are gathered into one reused buffer (standardising
+        # makes a new tensor): a fresh one per batch cost more page faults than the gather itself
+        gathered = None
+
+        def take(rows: np.ndarray, order: np.ndarray, whole: bool) -> torch.Tensor:
+            # numpy's single-threaded gather: with the cores busy (a CPU fit's step), torch's
+            # parallel index_select of float16 / int8 rows ran 3-8x slower (as fast when idle);
+            # mode="clip" writes straight into the buffer (rows are a permutation's: in range)
+            nonlocal gathered
+            into = gathered if whole and self.standardize else None
+            if into is None:
+                into = torch.empty((len(order), self.d), dtype=torch.from_numpy(rows[:0]).dtype)
+                gathered = into if whole else gathered
+            np.take(rows, order, axis=0, out=into.numpy(), mode="clip")
+            return into
+
+        for x in _cut(windows, batch_size, drop_last, part, take):
+            yield torch.addcmul(shift, x, scale) if self.standardize else self.decode(x)
+
+
+def _cut(windows: Iterator, batch_size: int, drop_last: bool, part: tuple[int, int],
+         take) -> Iterator[torch.Tensor]:
+    """The batches of a stream of windows (rows, order): consecutive `batch_size` entries of
+    the orders, each gathered by `take(rows, order, whole)`: `whole` for a batch inside one
+    window (only this process's slice of it is gathered; its memory may be reused once the next
+    is asked for), else a piece of a batch that straddles windows, gathered at once because a
+    window's rows are valid only until the next window is asked for."""
+    index, parts = part
+
+    def mine(rows):
+        """This process's slice of a batch (of row indices, or of rows)."""
+        size = len(rows) // parts
+        return rows[index * size:(index + 1) * size] if parts > 1 else rows
+
+    pending = None  # the rows of a batch that straddles windows
+    for rows, order in windows:
+        i = 0
+        if pending is not None:
+            need = batch_size - len(pending)
+            pending = torch.cat([pending, take(rows, order[:need], False)])
+            i = min(need, len(order))
+            if len(pending) < batch_size:
+                continue
+            yield mine(pending)
+            pending = None
+        while i + batch_size <= len(order):
+            yield take(rows, mine(order[i:i + batch_size]), True)
+            i += batch_size
+        if i < len(order):
+            pending = take(rows, order[i:], False)
+    if pending is not None and not drop_last:
+        yield mine(pending)
+
+
+def _to_device(windows: Iterator, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each window's rows and order copied to `device`; on a GPU on a stream of their own, and
+    finished before the next window is asked for (its host memory is then decoded into again)."""
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    for rows, order in windows:
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            moved = (torch.from_numpy(rows).to(device, non_blocking=True, copy=True),
+                     torch.from_numpy(order).to(device, non_blocking=True))
+        if stream is not None:
+            stream.synchronize()
+        yield moved
+
+
+def _received(windows: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Windows made on another GPU stream, marked as used by this one: their memory is not
+    given to another window before this stream's gathers from them are done."""
+    for rows, order in windows:
+        if rows.is_cuda:
+            stream = torch.cuda.current_stream(rows.device)
+            rows.record_stream(stream)
+            order.record_stream(stream)
+        yield rows, order
+
+
+def _in_thread(items: Iterator, ahead: int) -> Iterator:
+    """The items of a generator made in a thread of its own, up to `ahead` of the caller; its
+    error is raised in the caller, and a caller that stops early stops it."""
+    out: queue.Queue = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            out.put(done)
         except BaseException as exc:  # surfaced in the consumer thread
             out.put(exc)
         finally:
-            self._idle_buffers.append(buffers)
+            items.close()
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    try:
+        while (item := out.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while producer.is_alive():
+            try:
+                out.get_nowait()
+            except queue.Empty:
+                producer.join(0.05)

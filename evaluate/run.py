@@ -33,8 +33,10 @@ def evaluate_model(opened, predict, atoms: torch.Tensor, standardise: Callable, 
     tallies = {kind: CodeTally(atoms) for kind in kinds or [tokens]}
     row = 0
     with tqdm(total=loader.n_tokens, unit="tok", unit_scale=True, disable=not progress, desc=name) as bar:
-        for x in loader.batches(batch_size, shuffle=False, drop_last=False, raw=atoms.is_cuda):
-            x = standardise(loader.decode(x.to(atoms.device, non_blocking=True)))
+        # on a GPU the stored values travel and are decoded there; on the host they come decoded
+        device = atoms.device if atoms.is_cuda else None
+        for x in loader.batches(batch_size, shuffle=False, drop_last=False, device=device):
+            x = standardise(x if device is None else loader.decode(x))
             x_hat, z = predict(x)
             if kinds:  # row indices from the host's arithmetic: no wait for the device
                 kind = kind_of_row[(row + np.arange(len(x))) % len(kind_of_row)]

@@ -116,14 +116,15 @@ class Trainer:
         t0, tokens = time.perf_counter(), 0
         while learner.step < self.total_steps:
             epoch, start = divmod(learner.step, self.steps_per_epoch)
-            # on a GPU the stored values travel (pinned, half the bytes) and are standardised there
-            raw = self.device.type == "cuda"
+            # on a GPU the stored values travel (whole windows, half the bytes) and are shuffled,
+            # decoded and standardised there
+            device = self.device if self.device.type == "cuda" else None
             part = (self.ranks.rank, self.ranks.world)
-            for x in self.loader.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start, raw=raw,
-                                         part=part):
-                x = x.to(self.device, non_blocking=True)
+            for x in self.loader.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start,
+                                         device=device, part=part):
                 logged = (learner.step + 1) % cfg.log_every == 0 or learner.step + 1 == self.total_steps
-                row = learner(learner.model.standardise(self.loader.decode(x)) if raw else x, metrics=logged)
+                row = learner(x if device is None else learner.model.standardise(self.loader.decode(x)),
+                              metrics=logged)
                 tokens += len(x) * self.ranks.world
                 bar.update(1)
                 if logged:

@@ -116,3 +116,26 @@ def test_one_pass_over_all_kinds_equals_a_pass_per_kind(fit_store):
         assert one[kind].keys() == alone.keys()
         for key, value in alone.items():
             assert one[kind][key] == pytest.approx(value, rel=1e-5, abs=1e-9), (kind, key)
+
+
+def test_mean_predictor_has_r2_zero_on_an_int8_store(fit_store, tmp_path):
+    """Held-out tokens of an int8 store are decoded once (offset + scale q), then standardised:
+    predicting their mean gives R^2 = 0."""
+    from archsae.cache import open_store
+    from archsae.cache.convert import convert
+    from archsae.cache.split import Split
+    from archsae.evaluate.run import evaluate_model
+
+    store = convert(fit_store, tmp_path / "int8", "int8", progress=False)
+    scale, offset = store.quantisation
+    images = store.valid_images(store.done_units()) & Split().heldout_mask(store.n_images)
+    x = (offset + scale * np.asarray(store.tokens[:], np.float32)[images]).reshape(-1, store.d)
+    mean = torch.from_numpy((x.mean(0) - 1.0) / 2.0)
+    atoms = torch.eye(store.d)
+
+    def predict(x):
+        return mean.expand_as(x), torch.zeros(len(x), store.d)
+
+    got = evaluate_model(open_store(tmp_path / "int8"), predict, atoms, lambda x: (x - 1.0) / 2.0,
+                         progress=False)
+    assert got["all"]["r2"] == pytest.approx(0.0, abs=1e-5)

@@ -131,15 +131,35 @@ def test_train_epoch_is_the_train_images_tokens(tmp_path, tokens):
     assert not TokenStore(store, tokens="cls", part="train")._dense
 
 
-def test_raw_batches_are_the_stored_values_of_the_same_stream(tmp_path):
+def test_device_batches_are_the_stored_values_of_the_same_stream(tmp_path):
+    """Batches gathered on a device from whole windows (a GPU fit's) are the host's batches
+    before standardisation: for every start (resume), part and end."""
     store, _ = make_store(tmp_path / "s", n=30)
     loader = TokenStore(store, part="train", shuffle_tokens=40)
+    cpu = torch.device("cpu")
     for drop_last in (True, False):
         ours = list(loader.batches(16, seed=2, drop_last=drop_last))
-        raw = list(loader.batches(16, seed=2, drop_last=drop_last, raw=True))
-        assert len(raw) == len(ours) and all(r.dtype == torch.float32 for r in raw)  # stored dtype
-        for x, r in zip(ours, raw):
+        moved = list(loader.batches(16, seed=2, drop_last=drop_last, device=cpu))
+        assert len(moved) == len(ours) and all(r.dtype == torch.float32 for r in moved)  # stored dtype
+        for x, r in zip(ours, moved):
             torch.testing.assert_close(x, (r - loader.mean) / loader.std)
+    for start, part in ((3, (0, 1)), (0, (1, 2)), (5, (0, 2))):
+        ours = list(loader.batches(16, seed=2, start=start, part=part))
+        moved = list(loader.batches(16, seed=2, start=start, part=part, device=cpu))
+        assert len(moved) == len(ours)
+        for x, r in zip(ours, moved):
+            torch.testing.assert_close(x, (r - loader.mean) / loader.std)
+
+
+def test_windows_are_the_epoch_stream(tmp_path):
+    """An epoch's windows, their orders laid end to end, are its batches' rows, from any token on."""
+    store, _ = make_store(tmp_path / "s", n=30)
+    loader = TokenStore(store, part="train", shuffle_tokens=40, standardize=False)
+    stream = torch.cat(list(loader.batches(7, seed=1, epoch=2, drop_last=False))).numpy()
+    for skip in (0, 7, 45):
+        rows = np.concatenate([rows[order] for rows, order in loader.windows(seed=1, epoch=2, skip=skip)])
+        np.testing.assert_array_equal(rows, stream[skip:])
+    assert list(loader.windows(seed=1, skip=loader.n_tokens)) == []
 
 
 def test_parts_of_a_batch_tile_it(tmp_path):
@@ -289,7 +309,7 @@ def test_convert_to_int8_reads_back_within_half_a_step(tmp_path):
     raw = TokenStore(q, part="train", shuffle_tokens=40)
     batches = list(raw.batches(16, seed=1))
     assert all(b.dtype == torch.float32 for b in batches)
-    for x, r in zip(batches, raw.batches(16, seed=1, raw=True)):
+    for x, r in zip(batches, raw.batches(16, seed=1, device=torch.device("cpu"))):
         assert r.dtype == torch.int8
         torch.testing.assert_close(x, (raw.decode(r) - raw.mean) / raw.std)
     ref = torch.cat(list(TokenStore(store, part="train", shuffle_tokens=40).batches(16, seed=1)))
