@@ -10,7 +10,6 @@ each window travels whole and its batches are gathered there (the host's share i
 a gather cost the 2-core host as much CPU as half the decode).
 """
 
-import contextlib
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -296,7 +295,7 @@ def _to_device(windows: Iterator, device: torch.device) -> Iterator[tuple[torch.
     finished before the next window is asked for (its host memory is then decoded into again)."""
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     for rows, order in windows:
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        with torch.cuda.stream(stream):  # None: no-op
             moved = (torch.from_numpy(rows).to(device, non_blocking=True, copy=True),
                      torch.from_numpy(order).to(device, non_blocking=True))
         if stream is not None:

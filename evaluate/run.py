@@ -25,7 +25,9 @@ def evaluate_model(opened, predict, atoms: torch.Tensor, standardise: Callable, 
     {"all": {...}, "<kind>": {...}, ...}, every kind standardised by the same `standardise`.
     One pass over the tokens: each batch's rows go to the tally of their kind, and "all" is the
     sum of those. Tallies live on the atoms' device, where the batches are sent."""
-    loader = TokenStore(opened, tokens=tokens, part="heldout", split=split, standardize=False)
+    # windows of a few batches: nothing is shuffled, and a GPU holds up to three beside the tallies
+    loader = TokenStore(opened, tokens=tokens, part="heldout", split=split, standardize=False,
+                        shuffle_tokens=8 * batch_size)
     kinds = list(opened.kind_counts()) if tokens == "all" and len(opened.kind_counts()) > 1 else []
     # every image gives all its token positions, in order: a row's kind is its position's
     kind_of_row = opened.token_kind[loader.positions]

@@ -54,8 +54,8 @@ class StepGraphs:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         # not `torch.cuda.graph`, which empties the device's and the pinned host memory's caches
-        # first (the loader's pinned batches then go back to cudaHostAlloc); thread_local: the
-        # loader's thread may pin memory while this one captures
+        # first (page-locked memory then goes back to cudaHostAlloc); thread_local: the
+        # loader's thread copies windows to the device while this one captures
         try:
             with torch.cuda.stream(self.stream):
                 graph.capture_begin(capture_error_mode="thread_local")
