@@ -2,6 +2,9 @@
 
 - TopK and RA-SAE training steps alone at the paper's size, replayed from CUDA graphs against
   launched from Python: steps/s, and how far the two models are apart after the same steps;
+- the loader alone as a GPU fit reads it (each shuffle window copied whole, batches gathered,
+  decoded and standardised on the GPU): tokens/s over an epoch of the train split, and the
+  largest difference from the host's standardised batches;
 - TopK and RA-SAE training steps/s at the paper's size (d 768, 3,840 concepts, top-k 384,
   32,000 centroids, batch 4,096), through `archsae fit`'s own path (TokenStore -> Trainer,
   checkpoints and logs included) from a float16 store written on local disk, and the projected
@@ -63,6 +66,27 @@ def kmeans(store_path: Path, niter: int) -> dict:
     per_iter = meta["seconds"] / meta["niter"]
     return {"name": name, "gpu": meta["gpu"], "tokens": meta["n_tokens_sampled"], "s_per_iter": per_iter,
             "s_per_iter_paper": per_iter * PAPER_KMEANS_TOKENS / meta["n_tokens_sampled"]}
+
+
+def loader_on_device(store_path: Path, device: str, compared: int = 64) -> dict:
+    """Tokens/s of one epoch of the train split's batches as a GPU fit reads them (windows
+    copied whole, batches gathered there), and the largest difference of the first `compared`
+    batches, decoded and standardised there, from the host's standardised ones."""
+    from archsae.cache import TokenStore
+
+    loader, dev = TokenStore(store_path, part="train"), torch.device(device)
+    mean, std = loader.mean.to(dev), loader.std.to(dev)
+    difference = 0.0
+    pairs = zip(loader.batches(PAPER_BATCH, seed=0), loader.batches(PAPER_BATCH, seed=0, device=dev))
+    for _, (x, y) in zip(range(compared), pairs):
+        difference = max(difference, float(((loader.decode(y) - mean) / std - x.to(dev)).abs().max()))
+    finish = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    finish()
+    t, n = time.perf_counter(), 0
+    for y in loader.batches(PAPER_BATCH, seed=1, device=dev):
+        n += len(y)
+    finish()
+    return {"tokens_per_s": n / (time.perf_counter() - t), "difference": difference}
 
 
 def steps_per_s(store_path: Path, work: Path, sae: str, centroids: str, args, cuda_graphs: bool = True) -> float:
@@ -192,6 +216,10 @@ def main() -> None:
         print(f"k-means K={PAPER_CENTROIDS} on {km['tokens']} tokens, faiss on "
               f"{'the GPU' if km['gpu'] else 'the CPU (no GPU build of faiss here)'}: "
               f"{km['s_per_iter']:.2f} s per iteration, {km['s_per_iter_paper']:.1f} s at 8.2M tokens")
+        feed = loader_on_device(work / "store", args.device)
+        print(f"loader on the device: {feed['tokens_per_s']:,.0f} tokens/s of float16 batches at "
+              f"{PAPER_BATCH}; largest difference from the host's standardised batches "
+              f"{feed['difference']:.1e}", flush=True)
         try:
             graphs = graphs_against_python(args.device)
         except Exception as exc:  # the other figures are still worth the GPU's minutes
@@ -217,6 +245,8 @@ def main() -> None:
     for precision, o in ext.items():
         print(f"extract {precision}: backbone {o['forward']:.0f} images/s, `archsae extract` (decoding "
               f"included) {o['extract']:.0f} images/s, 1 - R^2 against float32 {o['error']:.2e}")
+    result("gpu_loader_tokens_per_s", feed["tokens_per_s"], ">=", 1100000)
+    result("gpu_loader_device_vs_host_difference", feed["difference"], "<=", 1e-4, digits=6)
     result("gpu_topk_steps_per_s", rates["topk"], ">=", 272)
     result("gpu_ra_steps_per_s", rates["ra"], ">=", 272)
     result("gpu_ra_epoch_minutes", epoch_min["ra"], "<=", 5)

@@ -28,6 +28,8 @@ def test_store_kmeans_and_fits_at_small_size(tmp_path, monkeypatch):
     assert store.n_tokens == 261 and store.d == gpu_check.PAPER_D and store.complete
     km = gpu_check.kmeans(tmp_path / "store", niter=2)
     assert km["tokens"] > 0 and km["s_per_iter"] > 0 and not km["gpu"]
+    feed = gpu_check.loader_on_device(tmp_path / "store", "cpu", compared=4)
+    assert feed["tokens_per_s"] > 0 and feed["difference"] < 1e-5
     args = type("Args", (), {"device": "cpu"})
     for sae in ("topk", "ra"):
         assert gpu_check.steps_per_s(tmp_path / "store", tmp_path, sae, km["name"], args) > 0
