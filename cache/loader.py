@@ -79,6 +79,7 @@ class TokenStore:
         # window buffers of finished epochs, for the next: fresh memory costs a page fault per
         # page, which on these machines took 0.06-1.4 s per 400 MB window
         self._idle_buffers: list[tuple[bool, list[np.ndarray]]] = []  # (pinned, buffers)
+        self._idle_lock = threading.Lock()  # epochs of one loader may be read at once
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Stored values (a raw batch, on any device) -> float32 activations, not standardised."""
@@ -142,14 +143,14 @@ class TokenStore:
         """Two window buffers of at least `rows` rows (one in use, one loading), in page-locked
         memory if `pin` (they are copied to a GPU), and a scratch buffer when windows are
         compacted: an idle set if one fits, else new."""
-        for i, (pinned, buffers) in enumerate(self._idle_buffers):
-            if pinned == pin and len(buffers[0]) >= rows:
-                return self._idle_buffers.pop(i)
-        stored = torch.from_numpy(np.empty(0, self.store.attrs["dtype"])).dtype
-        scratch = [] if self._dense else [np.empty((self._per_call * self._unit_rows.max(), self.d),
-                                                   self.store.attrs["dtype"])]
-        return pin, [torch.empty((rows, self.d), dtype=stored, pin_memory=pin).numpy()
-                     for _ in range(2)] + scratch
+        with self._idle_lock:
+            for i, (pinned, buffers) in enumerate(self._idle_buffers):
+                if pinned == pin and len(buffers[0]) >= rows:
+                    return self._idle_buffers.pop(i)
+        stored = self.store.attrs["dtype"]
+        scratch = [] if self._dense else [np.empty((self._per_call * self._unit_rows.max(), self.d), stored)]
+        dtype = torch.from_numpy(np.empty(0, stored)).dtype
+        return pin, [torch.empty((rows, self.d), dtype=dtype, pin_memory=pin).numpy() for _ in range(2)] + scratch
 
     def sample(self, n: int, seed: int = 0, progress: bool = False) -> np.ndarray:
         """A uniform sample of min(n, n_tokens) rows (float32, standardised if the loader is):
@@ -207,7 +208,8 @@ class TokenStore:
                                      if shuffle else slice(None)]
                     yield rows, order[skip:] if w == first else order
         finally:
-            self._idle_buffers.append(buffers)
+            with self._idle_lock:
+                self._idle_buffers.append(buffers)
 
     def batches(self, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0,
                 shuffle: bool = True, drop_last: bool = True, device: torch.device | None = None,

@@ -1,6 +1,7 @@
 """The store's unit maths, import, info, and the TokenStore loader."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -137,6 +138,12 @@ def test_device_batches_are_the_stored_values_of_the_same_stream(tmp_path):
     store, _ = make_store(tmp_path / "s", n=30)
     loader = TokenStore(store, part="train", shuffle_tokens=40)
     cpu = torch.device("cpu")
+    threads = threading.active_count()
+    for device in (None, cpu):  # a reader stopped early ends its threads and gives its buffers back
+        stopped = loader.batches(16, seed=2, device=device)
+        next(stopped)
+        stopped.close()
+        assert threading.active_count() == threads
     for drop_last in (True, False):
         ours = list(loader.batches(16, seed=2, drop_last=drop_last))
         moved = list(loader.batches(16, seed=2, drop_last=drop_last, device=cpu))
