@@ -59,8 +59,12 @@ class DecodedImages(torch.utils.data.Dataset):
             return i, None, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
-def collate(items):
-    return items
+def collate(items) -> tuple[list[int], torch.Tensor | None, list[str]]:
+    """A batch as (its image indices, its readable images stacked, an error per image). Stacked
+    in the worker, so that the main process does not copy the batch and a GPU's copy of it is
+    from page-locked memory (`pin_memory`), not a synchronous one from a fresh stack."""
+    images = [x for _, x, err in items if not err]
+    return [i for i, _, _ in items], torch.stack(images) if images else None, [err for _, _, err in items]
 
 
 def unit_batches(bounds: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -187,9 +191,8 @@ def _run_units(store, source, backbone, units, batch_size, on_error, workers, de
               else "extract", position=ranks.rank if ranks.distributed else 0,
               disable=not progress, dynamic_ncols=True) as bar, \
             ThreadPoolExecutor(writers) as writer, torch.inference_mode():
-        for batch in loader:
-            ok = [(i, x) for i, x, err in batch if not err]
-            for i, _, err in batch:
+        for indices, images, errors in loader:
+            for i, err in zip(indices, errors):
                 buf.keys[i - start] = source.records[i].key
                 buf.labels[i - start] = source.records[i].label
                 if err:
@@ -198,15 +201,14 @@ def _run_units(store, source, backbone, units, batch_size, on_error, workers, de
                                              f"in {source.records[i].path}: {err}: fix or remove "
                                              "it, or pass {name} skip")
                     buf.errors[i - start] = err
-            if ok:
-                images = torch.stack([x for _, x in ok]).to(device, non_blocking=True)
+            if images is not None:
                 with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    tokens, pooled = backbone.features(images)
-                rows = [i - start for i, _ in ok]
+                    tokens, pooled = backbone.features(images.to(device, non_blocking=True))
+                rows = [i - start for i, err in zip(indices, errors) if not err]
                 buf.tokens[rows] = tokens.to(token_dtype).cpu().numpy()
                 buf.pooled[rows] = pooled.float().cpu().numpy()
-            bar.update(len(batch))
-            if batch[-1][0] == stop - 1:  # unit complete: hand it to a writer
+            bar.update(len(indices))
+            if indices[-1] == stop - 1:  # unit complete: hand it to a writer
                 if len(writing) == writers:
                     writing.popleft().result()
                 writing.append(writer.submit(buf.write, unit))
