@@ -36,6 +36,7 @@ TOKEN_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 # A checksum on every chunk of the data: a damaged chunk fails to read instead of reading as
 # other numbers. Every chunk is written, zeros included, so a missing chunk file is damage.
 DATA_CODECS = [TOKEN_CODEC, Crc32cCodec()]
+# zarr keeps an array's config at run time only, not in its metadata: every write asks for it
 DATA_CONFIG = {"write_empty_chunks": True}
 DATA_ARRAYS = ("tokens", "pooled")
 
@@ -139,11 +140,10 @@ def _create_group(path: Path, spec: StoreSpec) -> None:
     n_units = -(-n // u)
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     group.create_array("tokens", shape=(n, t, d), chunks=(u, t, d), dtype=spec.dtype,
-                       compressors=DATA_CODECS, fill_value=0, config=DATA_CONFIG)
+                       compressors=DATA_CODECS, fill_value=0)
     if spec.d_pooled is not None:
         group.create_array("pooled", shape=(n, spec.d_pooled), chunks=(u, spec.d_pooled),
-                           dtype=pooled_dtype(spec.dtype), compressors=DATA_CODECS, fill_value=0,
-                           config=DATA_CONFIG)
+                           dtype=pooled_dtype(spec.dtype), compressors=DATA_CODECS, fill_value=0)
     if spec.quantisation is not None:
         quant = group.create_group("quant")
         for name, values in zip(("scale", "offset"), spec.quantisation):
@@ -341,9 +341,10 @@ class ActivationStore:
             tokens = dequantise(stored, *self.quantisation)
         else:
             stored = tokens
-        self.group["tokens"][start:stop] = stored
+        self.group["tokens"].with_config(DATA_CONFIG)[start:stop] = stored
         if pooled is not None:
-            self.group["pooled"][start:stop] = np.asarray(pooled, dtype=pooled_dtype(self.attrs["dtype"]))
+            pooled = np.asarray(pooled, dtype=pooled_dtype(self.attrs["dtype"]))
+            self.group["pooled"].with_config(DATA_CONFIG)[start:stop] = pooled
         self.group["keys"][start:stop] = np.array(keys, dtype=str)
         self.group["errors"][start:stop] = errors
         if labels is not None:

@@ -229,6 +229,21 @@ def test_loader_errors_are_one_line(tmp_path):
         TokenStore(store, tokens="cls_token")
 
 
+def test_a_unit_of_zeros_is_written_and_done(tmp_path):
+    """Every chunk is written, all-zero ones too (a unit whose images all failed): reopened, the
+    store is complete, not missing a chunk (which would read as damage and be redone forever)."""
+    spec = StoreSpec(n_images=10, token_kind=np.zeros(2, int), d=3, chunk_images=5, d_pooled=4,
+                     provenance={"model": "test", "source_hash": "x"})
+    store = create_or_open(tmp_path / "s", spec)
+    store.write_unit(0, np.zeros((5, 2, 3)), keys=list("abcde"), errors=["unreadable"] * 5,
+                     pooled=np.zeros((5, 4)))
+    store.write_unit(1, np.ones((5, 2, 3)), keys=list("fghij"), pooled=np.ones((5, 4)))
+    again = open_store(tmp_path / "s")
+    assert again.done_units().all() and again.complete
+    for name in ("tokens", "pooled"):
+        assert (tmp_path / "s" / name / "c" / "0").exists()
+
+
 def test_incomplete_store_is_refused_by_the_loader(tmp_path):
     spec = StoreSpec(n_images=10, token_kind=np.zeros(2, int), d=3, chunk_images=5,
                      provenance={"model": "test", "source_hash": "x"})
