@@ -147,10 +147,10 @@ class TokenStore:
             for i, (pinned, buffers) in enumerate(self._idle_buffers):
                 if pinned == pin and len(buffers[0]) >= rows:
                     return self._idle_buffers.pop(i)
-        stored = self.store.attrs["dtype"]
-        scratch = [] if self._dense else [np.empty((self._per_call * self._unit_rows.max(), self.d), stored)]
-        dtype = torch.from_numpy(np.empty(0, stored)).dtype
-        return pin, [torch.empty((rows, self.d), dtype=dtype, pin_memory=pin).numpy() for _ in range(2)] + scratch
+        scratch = [] if self._dense else [np.empty((self._per_call * self._unit_rows.max(), self.d),
+                                                   self.store.attrs["dtype"])]
+        return pin, [torch.empty((rows, self.d), dtype=self.store.torch_dtype, pin_memory=pin).numpy()
+                     for _ in range(2)] + scratch
 
     def sample(self, n: int, seed: int = 0, progress: bool = False) -> np.ndarray:
         """A uniform sample of min(n, n_tokens) rows (float32, standardised if the loader is):
@@ -238,19 +238,22 @@ class TokenStore:
         # standardised = (decoded - mean) / std, with an int8 store's affine decode folded in
         q_scale, q_offset = self.quantisation or (torch.ones(self.d), torch.zeros(self.d))
         scale, shift = q_scale / self.std, (q_offset - self.mean) / self.std
-        # when standardised, a batch's rows are gathered into one reused buffer (standardising
-        # makes a new tensor): a fresh one per batch cost more page faults than the gather itself
-        gathered = None
+        # when standardised, a whole batch's rows are gathered into one reused buffer
+        # (standardising makes a new tensor): a fresh one per batch cost more page faults than
+        # the gather itself
+        reused = None
 
         def take(rows: np.ndarray, order: np.ndarray, whole: bool) -> torch.Tensor:
             # numpy's single-threaded gather: with the cores busy (a CPU fit's step), torch's
             # parallel index_select of float16 / int8 rows ran 3-8x slower (as fast when idle);
             # mode="clip" writes straight into the buffer (rows are a permutation's: in range)
-            nonlocal gathered
-            into = gathered if whole and self.standardize else None
-            if into is None:
-                into = torch.empty((len(order), self.d), dtype=torch.from_numpy(rows[:0]).dtype)
-                gathered = into if whole else gathered
+            nonlocal reused
+            if whole and self.standardize and reused is not None:
+                into = reused
+            else:
+                into = torch.empty((len(order), self.d), dtype=self.store.torch_dtype)
+                if whole and self.standardize:
+                    reused = into
             np.take(rows, order, axis=0, out=into.numpy(), mode="clip")
             return into
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 from tqdm import tqdm
 from zarr.codecs import BloscCodec, Crc32cCodec
@@ -243,6 +244,11 @@ class ActivationStore:
     @property
     def tokens(self) -> zarr.Array:
         return self.group["tokens"]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The stored dtype, as torch names it."""
+        return torch.from_numpy(np.empty(0, self.attrs["dtype"])).dtype
 
     def unit_bounds(self, unit: int) -> tuple[int, int]:
         return unit_bounds(unit, self.chunk_images, self.n_images)

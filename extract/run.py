@@ -180,7 +180,7 @@ def _run_units(store, source, backbone, units, batch_size, on_error, workers, de
         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=False)
     np_dtype = np.dtype(store.attrs["dtype"])
-    token_dtype = torch.from_numpy(np.empty(0, np_dtype)).dtype  # cast on the device: half the copy
+    token_dtype = store.torch_dtype  # cast on the device: half the copy
     writers = max(1, min(WRITERS, (os.cpu_count() or 2) // (4 * max(1, ranks.world))))
     n_total = sum(b - a for a, b in bounds)
     unit_iter = iter(zip(units, bounds))
