@@ -54,6 +54,8 @@ def parse_args():
                     help="the larger learning rate TopK and the reference are also fitted at")
     ap.add_argument("--reference", action="store_true", help="(internal) fit the reference only")
     args = ap.parse_args()
+    if args.seeds < 2:
+        ap.error(f"--seeds {args.seeds}: stability compares pairs of runs, use at least 2")
     if args.compare_seeds < args.seeds:
         ap.error(f"--compare-seeds {args.compare_seeds} is fewer than --seeds {args.seeds}: "
                  "the comparison reuses the study's TopK runs, use at least as many")
