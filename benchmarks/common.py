@@ -31,6 +31,7 @@ def run_reference(module: str, argv: list[str]) -> dict:
 
 
 PAPER_D = 768  # DINOv2 ViT-B's width
+PAPER_CONCEPTS = 5 * PAPER_D  # its dictionaries (3,840), against PAPER_CENTROIDS K-means centroids
 PAPER_TOKENS_PER_IMAGE = 261  # its 1 CLS + 4 registers + 256 patches
 PAPER_TOKENS = 1_281_167 * PAPER_TOKENS_PER_IMAGE  # over ImageNet-1k train: 334M
 

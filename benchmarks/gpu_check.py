@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import PAPER_D, PAPER_TOKENS, PAPER_TOKENS_PER_IMAGE, paper_store, result
+from benchmarks.common import PAPER_CONCEPTS, PAPER_D, PAPER_TOKENS, PAPER_TOKENS_PER_IMAGE, paper_store, result
 from benchmarks.evaluate_scale import HELDOUT_TOKENS, SIZES, TARGET_GB, TARGET_MINUTES, measure
+from archsae.fit.settings import PAPER_CENTROIDS
 
-PAPER_CONCEPTS, PAPER_CENTROIDS, PAPER_BATCH = 3840, 32000, 4096
+PAPER_BATCH = 4096
 PAPER_KMEANS_TOKENS = 256 * PAPER_CENTROIDS  # faiss's cap per centroid, our default sample
 GRAPH_STEPS = 300  # steps compared, then timed, with and without CUDA graphs
 SILENT = 64  # codes that never fire in that comparison: AuxK's graphs are in it

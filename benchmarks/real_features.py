@@ -1,9 +1,10 @@
 """A-/RA-SAE on real features, with the critique's controls and the reference's TopK beside them.
 
 On the demo store (`make demo`: EfficientNet-Lite0 with its ImageNet weights over the demo
-images, 180k training tokens, d = 1,280), at 1,024 concepts, top-k 32 and 2,048 centroids (twice
-the demo's dictionaries: the store supports them, and at 512 concepts RA-SAE trails TopK by about
-2 points of R^2, docs/fit.md), 3 epochs, in a temporary folder:
+images, 180k training tokens, d = 1,280), at 1,024 concepts (twice the demo's dictionaries: the
+store supports them, and at 512 concepts RA-SAE trails TopK by about 2 points of R^2,
+docs/fit.md), top-k 32, the paper's 8.3 centroids per concept (32,000 for 3,840; at most train
+tokens / 4, as `archsae centroids`) and 3 epochs, in a temporary folder:
 - the stability study users run (`archsae stability-study`): RA-SAE and A-SAE with TopK (random
   init), TopK started at the centroids and RA-SAE without projection, 2 seeds; TopK again with
   its encoder started along its random atoms (`--encoder-init tied`, RA-SAE's init); then
@@ -32,9 +33,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import result, run_reference
+from benchmarks.common import PAPER_CONCEPTS, result, run_reference
 from archsae.cache import TokenStore, open_store
 from archsae.fit import CentroidSettings, FitSettings
+from archsae.fit.centroids import largest_sensible_k
+from archsae.fit.settings import PAPER_CENTROIDS
 
 
 def parse_args():
@@ -43,7 +46,9 @@ def parse_args():
     ap.add_argument("--identifiability", help="folder of `archsae bench identifiability` to reuse")
     ap.add_argument("--concepts", type=int, default=1024)
     ap.add_argument("--top-k", type=int, default=32)
-    ap.add_argument("--n-centroids", type=int, default=2048)
+    ap.add_argument("--n-centroids", type=int,
+                    help="[the paper's ratio to concepts: 8,533 for 1,024; RA-SAE's R^2 grows and its "
+                         "stability across seeds falls with it, docs/fit.md]")
     ap.add_argument("--sample", type=int, default=131072, help="tokens given to K-means")
     ap.add_argument("--niter", type=int, default=10, help="K-means iterations")
     ap.add_argument("--epochs", type=int, default=3)
@@ -169,6 +174,10 @@ def main() -> None:
         print(json.dumps(reference(args)))
         return
     store = open_store(args.store)
+    if args.n_centroids is None:
+        train_tokens = TokenStore(store, part="train", split=FitSettings().split).n_tokens
+        args.n_centroids = min(round(PAPER_CENTROIDS / PAPER_CONCEPTS * args.concepts),
+                               largest_sensible_k(train_tokens))
     print(f"store {args.store}: {store.attrs['model']} ({store.attrs['weights'][:60]}...), "
           f"{store.n_images} images; {args.concepts} concepts, top-k {args.top_k}, "
           f"{args.n_centroids} centroids, {args.epochs} epochs, {args.seeds} runs per variant")
