@@ -268,7 +268,8 @@ class CentroidSettings(Settings):
     """The archetype points: K-means of standardised training tokens (`archsae.fit.centroids`)."""
 
     n_centroids: int | None = setting(
-        None, f"Number of centroids [min({PAPER_CENTROIDS}, train tokens / 4)].", low=1, type=int,
+        None, f"Number of centroids [min({PAPER_CENTROIDS}, train tokens / 4)]; more per concept gives "
+              "archetypal SAEs more R^2 and less stability across seeds (docs/fit.md).", low=1, type=int,
         flags="--n-centroids,--k")
     seed: int = setting(0, "K-means seed.", low=0)
     sample: int | None = setting(None, "Tokens given to K-means [256 per centroid, at most all; "
