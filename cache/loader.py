@@ -241,19 +241,17 @@ class TokenStore:
         # when standardised, a whole batch's rows are gathered into one reused buffer
         # (standardising makes a new tensor): a fresh one per batch cost more page faults than
         # the gather itself
-        reused = None
+        reused, dtype = None, self.store.torch_dtype
 
         def take(rows: np.ndarray, order: np.ndarray, whole: bool) -> torch.Tensor:
             # numpy's single-threaded gather: with the cores busy (a CPU fit's step), torch's
             # parallel index_select of float16 / int8 rows ran 3-8x slower (as fast when idle);
             # mode="clip" writes straight into the buffer (rows are a permutation's: in range)
             nonlocal reused
-            if whole and self.standardize and reused is not None:
-                into = reused
-            else:
-                into = torch.empty((len(order), self.d), dtype=self.store.torch_dtype)
-                if whole and self.standardize:
-                    reused = into
+            reuse = whole and self.standardize
+            into = reused if reuse and reused is not None else torch.empty((len(order), self.d), dtype=dtype)
+            if reuse:
+                reused = into
             np.take(rows, order, axis=0, out=into.numpy(), mode="clip")
             return into
 
