@@ -35,7 +35,8 @@ import torch
 
 from benchmarks.common import PAPER_CONCEPTS, result, run_reference
 from archsae.cache import TokenStore, open_store
-from archsae.fit import CentroidSettings, FitSettings
+from archsae.errors import InvalidSetting
+from archsae.fit import CentroidSettings, FitSettings, SAESettings
 from archsae.fit.centroids import largest_sensible_k
 from archsae.fit.settings import PAPER_CENTROIDS
 
@@ -59,6 +60,12 @@ def parse_args():
                     help="the larger learning rate TopK and the reference are also fitted at")
     ap.add_argument("--reference", action="store_true", help="(internal) fit the reference only")
     args = ap.parse_args()
+    try:  # checked by the settings that take these numbers, now rather than after the reference's fits
+        FitSettings(epochs=args.epochs, lr=args.topk_lr)
+        CentroidSettings(n_centroids=args.n_centroids, sample=args.sample, niter=args.niter)
+        SAESettings(d=1, concepts=args.concepts, top_k=args.top_k)
+    except InvalidSetting as exc:
+        ap.error(exc.named({"lr": "--topk-lr"}.get(exc.setting, "--" + exc.setting.replace("_", "-"))))
     if args.seeds < 2:
         ap.error(f"--seeds {args.seeds}: stability compares pairs of runs, use at least 2")
     if args.compare_seeds < args.seeds:

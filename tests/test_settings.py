@@ -117,3 +117,18 @@ def test_centroids_of_a_fit_never_see_its_heldout_images(tmp_path):
     from archsae.cache import open_store
     control, attrs = open_store(tmp_path / "s").load_centroids("k16-seed0-all-heldout0.1s0")
     assert (control[:, 0] > float(boundary)).any() and attrs["split"] == {"heldout": 0.1, "seed": 0}
+
+
+@pytest.mark.parametrize("given, named", [(["--epochs", "0"], "--epochs 0 is out of range"),
+                                          (["--n-centroids", "0"], "--n-centroids 0 is out of range"),
+                                          (["--topk-lr", "-1"], "--topk-lr -1.0 is out of range"),
+                                          (["--top-k", "2000"], "--top-k 2000 must not exceed"),
+                                          (["--seeds", "1"], "--seeds 1")])
+def test_real_features_benchmark_checks_its_numbers_when_parsed(monkeypatch, capsys, given, named):
+    """By the settings that take them, before the reference's fits (minutes) start."""
+    from benchmarks.real_features import parse_args
+
+    monkeypatch.setattr("sys.argv", ["real_features", "--store", "nowhere", *given])
+    with pytest.raises(SystemExit) as exit:
+        parse_args()
+    assert exit.value.code == 2 and named in capsys.readouterr().err
