@@ -81,6 +81,26 @@ class TokenStore:
         self._idle_buffers: list[tuple[bool, list[np.ndarray]]] = []  # (pinned, buffers)
         self._idle_lock = threading.Lock()  # epochs of one loader may be read at once
 
+    @property
+    def _window_rows(self) -> int:
+        """The most rows the buffer of a shuffle window of any epoch must hold, so that one set of
+        buffers serves every epoch (sized by one epoch's largest window, a later epoch's larger
+        one took fresh memory: 15% of that epoch's read). A window ends with the unit that brings
+        its selected tokens to `shuffle_tokens`; the units before it select fewer, and hold at
+        most the rows of the best fractional choice of units (most rows per selected token
+        first) that selects that many, plus the largest unit."""
+        used = self.unit_tokens > 0
+        selected = self.unit_tokens[used]
+        rows = (self._unit_rows if self._dense else self.unit_tokens)[used]
+        order = np.argsort(-rows / selected, kind="stable")
+        selected, rows = selected[order], rows[order]
+        budget = self.shuffle_tokens - 1
+        whole = int(np.searchsorted(np.cumsum(selected), budget, side="right"))
+        bound = rows[:whole].sum() + rows.max()
+        if whole < len(rows):
+            bound += -(-rows[whole] * (budget - selected[:whole].sum()) // selected[whole])
+        return int(min(bound, rows.sum()))
+
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Stored values (a raw batch, on any device) -> float32 activations, not standardised."""
         return raw.float() if self.quantisation is None else dequantise(raw, *self.quantisation)
@@ -139,18 +159,18 @@ class TokenStore:
             got += len(rows)
         return space[:got], np.arange(got)
 
-    def _window_buffers(self, rows: int, pin: bool) -> tuple[bool, list[np.ndarray]]:
-        """Two window buffers of at least `rows` rows (one in use, one loading), in page-locked
-        memory if `pin` (they are copied to a GPU), and a scratch buffer when windows are
-        compacted: an idle set if one fits, else new."""
+    def _window_buffers(self, pin: bool) -> tuple[bool, list[np.ndarray]]:
+        """Two window buffers (one in use, one loading), in page-locked memory if `pin` (they are
+        copied to a GPU), and a scratch buffer when windows are compacted: an idle set if there
+        is one, else new."""
         with self._idle_lock:
-            for i, (pinned, buffers) in enumerate(self._idle_buffers):
-                if pinned == pin and len(buffers[0]) >= rows:
+            for i, (pinned, _) in enumerate(self._idle_buffers):
+                if pinned == pin:
                     return self._idle_buffers.pop(i)
         scratch = [] if self._dense else [np.empty((self._per_call * self._unit_rows.max(), self.d),
                                                    self.store.attrs["dtype"])]
-        return pin, [torch.empty((rows, self.d), dtype=self.store.torch_dtype, pin_memory=pin).numpy()
-                     for _ in range(2)] + scratch
+        return pin, [torch.empty((self._window_rows, self.d), dtype=self.store.torch_dtype,
+                                 pin_memory=pin).numpy() for _ in range(2)] + scratch
 
     def sample(self, n: int, seed: int = 0, progress: bool = False) -> np.ndarray:
         """A uniform sample of min(n, n_tokens) rows (float32, standardised if the loader is):
@@ -194,8 +214,7 @@ class TokenStore:
             return
         first = int(np.searchsorted(ends, skip, side="right"))
         skip -= ends[first - 1] if first else 0
-        largest = max((self._unit_rows if self._dense else self.unit_tokens)[w].sum() for w in windows[first:])
-        buffers = self._window_buffers(largest, pin)
+        buffers = self._window_buffers(pin)
         spaces, scratch = buffers[1][:2], (buffers[1][2:] or [None])[0]
         try:
             with ThreadPoolExecutor(1) as reader:

@@ -132,6 +132,22 @@ def test_train_epoch_is_the_train_images_tokens(tmp_path, tokens):
     assert not TokenStore(store, tokens="cls", part="train")._dense
 
 
+@pytest.mark.parametrize("tokens", ["all", "cls"])
+@pytest.mark.parametrize("shuffle_tokens", [1, 23, 60, 10_000])
+def test_one_set_of_window_buffers_serves_every_epoch(tmp_path, tokens, shuffle_tokens):
+    """Window buffers are sized for the largest window any epoch can have: every epoch reads
+    into the first one's memory (a larger window in a later epoch took fresh memory)."""
+    store, _ = make_store(tmp_path / "s", n=47, chunk=4)
+    loader = TokenStore(store, tokens=tokens, part="train", split=Split(0.4), shuffle_tokens=shuffle_tokens)
+    first = None
+    for epoch in range(40):
+        for rows, _ in loader.windows(seed=3, epoch=epoch):
+            assert len(rows) <= loader._window_rows
+        [(_, buffers)] = loader._idle_buffers
+        first = first or [id(b) for b in buffers]
+        assert [id(b) for b in buffers] == first
+
+
 def test_device_batches_are_the_stored_values_of_the_same_stream(tmp_path):
     """Batches gathered on a device from whole windows (a GPU fit's) are the host's batches
     before standardisation: for every start (resume), part and end."""
