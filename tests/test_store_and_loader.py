@@ -2,6 +2,7 @@
 
 import json
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -146,6 +147,25 @@ def test_one_set_of_window_buffers_serves_every_epoch(tmp_path, tokens, shuffle_
         [(_, buffers)] = loader._idle_buffers
         first = first or [id(b) for b in buffers]
         assert [id(b) for b in buffers] == first
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 60), st.integers(0, 60)), min_size=1, max_size=30),
+       st.integers(1, 300), st.booleans(), st.integers(0, 2**32 - 1))
+def test_window_bound_holds_for_any_units(units, shuffle_tokens, dense, seed):
+    """No window of any unit order holds more rows than `_window_rows`, whatever the units'
+    sizes and selected tokens."""
+    rows = np.array([r for r, _ in units])
+    selected = np.array([min(s, r) for r, s in units])
+    if not selected.any():
+        return
+    loader = SimpleNamespace(unit_tokens=selected, _unit_rows=rows, _dense=dense, shuffle_tokens=shuffle_tokens)
+    bound = TokenStore._window_rows.fget(loader)
+    held = rows if dense else selected
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        for window in TokenStore._windows(loader, rng.permutation(np.flatnonzero(selected))):
+            assert held[window].sum() <= bound
 
 
 def test_device_batches_are_the_stored_values_of_the_same_stream(tmp_path):
