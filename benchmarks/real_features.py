@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from benchmarks.common import PAPER_CONCEPTS, result, run_reference
 from archsae.cache import TokenStore, open_store
@@ -78,8 +79,14 @@ def reference(args) -> dict:
     """The reference's TopKSAE, one run per seed of ours (same seeds, so the same batches in the
     same order), trained by its own loop and evaluated by our code, at our default learning rate
     and at `--topk-lr`."""
-    return {key: [reference_run(args, seed, lr) for seed in range(args.compare_seeds)]
-            for key, lr in (("default_lr", FitSettings.lr), ("topk_lr", args.topk_lr))}
+    rates = (("default_lr", FitSettings.lr), ("topk_lr", args.topk_lr))
+    with tqdm(total=len(rates) * args.compare_seeds, desc="reference TopKSAE", unit="fit") as bar:
+        runs = {key: [] for key, _ in rates}
+        for key, lr in rates:
+            for seed in range(args.compare_seeds):
+                runs[key].append(reference_run(args, seed, lr))
+                bar.update()
+    return runs
 
 
 def reference_run(args, seed: int, lr: float) -> dict:
@@ -125,12 +132,12 @@ def studies(args, work: Path) -> tuple[dict, dict]:
     cfg = FitSettings(epochs=args.epochs)
     kmeans = CentroidSettings(n_centroids=args.n_centroids, sample=args.sample, niter=args.niter)
     seeds = run_stability_study(args.store, work / "study", ["ra", "a"], cfg, kmeans, args.seeds,
-                                "seed", progress=False, **sizes)
+                                "seed", progress=True, **sizes)
     tied = run_stability_study(args.store, work / "tied-encoder", ["topk"], cfg, kmeans, args.seeds,
-                               "seed", progress=False, encoder_init="tied", **sizes)["variants"]
+                               "seed", progress=True, encoder_init="tied", **sizes)["variants"]
     seeds["variants"]["topk-tied-encoder"] = tied["topk-tied-encoder"]  # its controls are the study's
     sets = run_stability_study(args.store, work / "study", ["ra"], cfg, kmeans, args.seeds,
-                               "centroids", progress=False, **sizes)  # its run 0 is the seed study's
+                               "centroids", progress=True, **sizes)  # its run 0 is the seed study's
     return seeds["variants"], sets["variants"]
 
 
@@ -143,8 +150,8 @@ def topk_at(args, lr: float, seeds: range, work: Path) -> list[float]:
     r2 = []
     for seed in seeds:
         folder = work / f"topk-lr{lr:g}-seed{seed}"
-        fit(args.store, folder, sae, FitSettings(epochs=args.epochs, seed=seed, lr=lr), progress=False)
-        r2.append(evaluate_fit(folder, progress=False)["metrics"]["all"]["r2"])
+        fit(args.store, folder, sae, FitSettings(epochs=args.epochs, seed=seed, lr=lr), progress=True)
+        r2.append(evaluate_fit(folder, progress=True)["metrics"]["all"]["r2"])
     return r2
 
 
@@ -172,7 +179,7 @@ def identifiability(args) -> dict | None:
     earlier = json.loads(path.read_text())
     return run_identifiability(earlier["model"], "pretrained", args.identifiability,
                                earlier["collages_per_set"], methods=("topk", "ra"),
-                               seeds=earlier["seeds"], progress=False)["mean"]
+                               seeds=earlier["seeds"], progress=True)["mean"]
 
 
 def main() -> None:
