@@ -79,13 +79,11 @@ def reference(args) -> dict:
     """The reference's TopKSAE, one run per seed of ours (same seeds, so the same batches in the
     same order), trained by its own loop and evaluated by our code, at our default learning rate
     and at `--topk-lr`."""
-    rates = (("default_lr", FitSettings.lr), ("topk_lr", args.topk_lr))
-    with tqdm(total=len(rates) * args.compare_seeds, desc="reference TopKSAE", unit="fit") as bar:
-        runs = {key: [] for key, _ in rates}
-        for key, lr in rates:
-            for seed in range(args.compare_seeds):
-                runs[key].append(reference_run(args, seed, lr))
-                bar.update()
+    rates = {"default_lr": FitSettings.lr, "topk_lr": args.topk_lr}
+    runs = {key: [] for key in rates}
+    for key, seed in tqdm([(key, seed) for key in rates for seed in range(args.compare_seeds)],
+                          desc="reference TopKSAE", unit="fit"):
+        runs[key].append(reference_run(args, seed, rates[key]))
     return runs
 
 

@@ -94,7 +94,7 @@ class TokenStore:
         rows = (self._unit_rows if self._dense else self.unit_tokens)[used]
         order = np.argsort(-rows / selected, kind="stable")
         selected, rows = selected[order], rows[order]
-        budget = self.shuffle_tokens - 1
+        budget = max(self.shuffle_tokens - 1, 0)
         whole = int(np.searchsorted(np.cumsum(selected), budget, side="right"))
         bound = rows[:whole].sum() + rows.max()
         if whole < len(rows):
