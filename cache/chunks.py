@@ -56,13 +56,20 @@ async def _read_chunk_into(array: AsyncArray, coords: tuple[int, ...], out: np.n
     await asyncio.to_thread(numcodecs.blosc.decompress, data, out)
 
 
+def read_limit() -> asyncio.Semaphore:
+    """zarr's own limit on concurrent chunk reads, for calls of `read_chunks_into` that run at
+    once to share: the reads of one call then queue behind those of the call made before it."""
+    return asyncio.Semaphore(zarr.config.get("async.concurrency"))
+
+
 def read_chunks_into(array: zarr.Array, pieces: Sequence[tuple[tuple[int, ...], np.ndarray]],
-                     error: Callable[[tuple[int, ...], Exception], Exception] | None = None) -> None:
+                     error: Callable[[tuple[int, ...], Exception], Exception] | None = None,
+                     limit: asyncio.Semaphore | None = None) -> None:
     """Decode chunk `coords` into `destination` for each (coords, destination) of `pieces`,
-    concurrently (zarr's own limit on concurrent chunk reads) in one call into zarr's event loop:
-    a call per chunk from a thread pool ran at 60% of that rate. `error(coords, exc)` is what a
-    chunk that fails raises instead of `exc`."""
-    limit = asyncio.Semaphore(zarr.config.get("async.concurrency"))
+    concurrently (at most `limit`, a `read_limit()` of this call's own if None) in one call into
+    zarr's event loop: a call per chunk from a thread pool ran at 60% of that rate.
+    `error(coords, exc)` is what a chunk that fails raises instead of `exc`."""
+    limit = limit or read_limit()
     inner = array.async_array
     direct = blosc_bytes(inner)
 

@@ -4,7 +4,8 @@ An epoch is fixed by (seed, epoch) alone: the order of the units is permuted, co
 are grouped into shuffle windows of about `shuffle_tokens` tokens, and each window's tokens are
 permuted. Batches are consecutive slices of that stream, so batch `b` of an epoch can be
 reached without reading what comes before it (exact resume). A window's chunks are read and
-decompressed concurrently in zarr's event loop while the window before it is used. For a CPU
+decompressed concurrently in zarr's event loop while the window before it is used, queued behind
+that window's own reads, so the decode runs on through the windows' ends. For a CPU
 fit, batches are gathered and standardised on the host in a thread of their own; for a GPU fit,
 each window travels whole and its batches are gathered there (the host's share is the decode:
 a gather cost the 2-core host as much CPU as half the decode).
@@ -21,7 +22,7 @@ import zarr
 from tqdm import tqdm
 
 from archsae.errors import UserError
-from archsae.cache.chunks import read_chunks_into
+from archsae.cache.chunks import read_chunks_into, read_limit
 from archsae.cache.quantise import dequantise
 from archsae.cache.split import Split
 from archsae.cache.store import ActivationStore, open_store
@@ -118,14 +119,14 @@ class TokenStore:
             raise self.store.damaged(unit, exc) from None
         return chunk[self.unit_images[unit]][:, self.positions].reshape(-1, self.d)
 
-    def _decode(self, units: np.ndarray, out: np.ndarray) -> None:
-        """Decode whole units, concurrently, each straight into its slice of `out` (rows, d),
-        one after the other."""
+    def _decode(self, units: np.ndarray, out: np.ndarray, limit) -> None:
+        """Decode whole units, concurrently (at most `limit`, a `read_limit()`), each straight
+        into its slice of `out` (rows, d), one after the other."""
         ends = np.cumsum(self._unit_rows[units])
         views = np.split(out[: ends[-1]], ends[:-1])
         shapes = [(b - a, self.store.n_tokens, self.d) for a, b in map(self.store.unit_bounds, units)]
         read_chunks_into(self._tokens, [((u, 0, 0), v.reshape(shape)) for u, v, shape in zip(units, views, shapes)],
-                         error=lambda coords, exc: self.store.damaged(coords[0], exc))
+                         error=lambda coords, exc: self.store.damaged(coords[0], exc), limit=limit)
 
     @property
     def _per_call(self) -> int:
@@ -140,20 +141,20 @@ class TokenStore:
         return np.concatenate([(offset + self.unit_images[u][:, None] * t + self.positions).ravel()
                                for u, offset in zip(units, offsets)])
 
-    def _load(self, window: np.ndarray, space: np.ndarray,
-              scratch: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _load(self, window: np.ndarray, space: np.ndarray, scratch: np.ndarray | None,
+              limit) -> tuple[np.ndarray, np.ndarray]:
         """The units of a window decoded: (the part of `space` they fill, rows of their selected
         tokens in it). When most stored tokens are selected (all tokens or patches; the train
         split leaves out only held-out images), whole units are decoded in place and the rows
         skip the rest: the batch gather is the only copy. Otherwise (CLS or register tokens), a
         few units at a time are decoded into a scratch buffer and their selected rows copied out."""
         if self._dense:
-            self._decode(window, space)
+            self._decode(window, space, limit)
             return space[:self._unit_rows[window].sum()], self._selected_rows(window)
         got = 0
         for i in range(0, len(window), self._per_call):
             units = window[i:i + self._per_call]
-            self._decode(units, scratch)
+            self._decode(units, scratch, limit)
             rows = self._selected_rows(units)
             np.take(scratch, rows, axis=0, out=space[got:got + len(rows)], mode="clip")
             got += len(rows)
@@ -161,14 +162,14 @@ class TokenStore:
 
     def _window_buffers(self, pin: bool) -> tuple[bool, list[np.ndarray]]:
         """Two window buffers (one in use, one loading), in page-locked memory if `pin` (they are
-        copied to a GPU), and a scratch buffer when windows are compacted: an idle set if there
-        is one, else new."""
+        copied to a GPU), and a scratch buffer for each when windows are compacted: an idle set if
+        there is one, else new."""
         with self._idle_lock:
             for i, (pinned, _) in enumerate(self._idle_buffers):
                 if pinned == pin:
                     return self._idle_buffers.pop(i)
         scratch = [] if self._dense else [np.empty((self._per_call * self._unit_rows.max(), self.d),
-                                                   self.store.attrs["dtype"])]
+                                                   self.store.attrs["dtype"]) for _ in range(2)]
         return pin, [torch.empty((self._window_rows, self.d), dtype=self.store.torch_dtype,
                                  pin_memory=pin).numpy() for _ in range(2)] + scratch
 
@@ -204,8 +205,8 @@ class TokenStore:
                 pin: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Epoch `epoch` as its shuffle windows, from its token `skip` on: (rows, order) per
         window, its decoded rows (stored dtype) and the rows of its tokens in epoch order. Window
-        w+1 is decoded (in page-locked memory if `pin`) while w is used; w's rows are valid
-        until the next window is asked for."""
+        w+1 is decoded (in page-locked memory if `pin`) from the moment w is asked for, its reads
+        queued behind w's; w's rows are valid until the next window is asked for."""
         units = np.flatnonzero(self.unit_tokens)
         rng = np.random.default_rng([seed, epoch])
         windows = self._windows(rng.permutation(units) if shuffle else units)
@@ -215,17 +216,22 @@ class TokenStore:
         first = int(np.searchsorted(ends, skip, side="right"))
         skip -= ends[first - 1] if first else 0
         buffers = self._window_buffers(pin)
-        spaces, scratch = buffers[1][:2], (buffers[1][2:] or [None])[0]
+        spaces, scratches = buffers[1][:2], buffers[1][2:] or [None, None]
+        limit = read_limit()  # shared: the next window's reads queue behind this one's
         try:
-            with ThreadPoolExecutor(1) as reader:
-                ahead = reader.submit(self._load, windows[first], spaces[first % 2], scratch)
+            with ThreadPoolExecutor(2) as reader:
+                def load(w):
+                    return reader.submit(self._load, windows[w], spaces[w % 2], scratches[w % 2], limit)
+
+                ahead = load(first)
                 for w in range(first, len(windows)):
+                    # w-1 is done with (w is asked for): its buffer takes w+1, read from now on
+                    following = load(w + 1) if w + 1 < len(windows) else None
                     rows, selected = ahead.result()
-                    if w + 1 < len(windows):
-                        ahead = reader.submit(self._load, windows[w + 1], spaces[(w + 1) % 2], scratch)
                     order = selected[np.random.default_rng([seed, epoch, w]).permutation(len(selected))
                                      if shuffle else slice(None)]
                     yield rows, order[skip:] if w == first else order
+                    ahead = following
         finally:
             with self._idle_lock:
                 self._idle_buffers.append(buffers)

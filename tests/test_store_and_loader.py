@@ -1,7 +1,9 @@
 """The store's unit maths, import, info, and the TokenStore loader."""
 
+import asyncio
 import json
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +14,7 @@ from zarr.codecs import ZstdCodec
 from hypothesis import given, settings, strategies as st
 
 from archsae.cache import TOKEN_KINDS, Split, StoreSpec, TokenStore, create_or_open, open_store
+from archsae.cache import chunks
 from archsae.cache.chunks import read_chunks_into
 from archsae.cache.store import DATA_CODECS, DATA_CONFIG, unit_bounds
 from archsae.extract.run import unit_batches
@@ -147,6 +150,52 @@ def test_one_set_of_window_buffers_serves_every_epoch(tmp_path, tokens, shuffle_
         [(_, buffers)] = loader._idle_buffers
         first = first or [id(b) for b in buffers]
         assert [id(b) for b in buffers] == first
+
+
+@pytest.mark.parametrize("tokens, shuffle_tokens", [("all", 60), ("cls", 12)])
+def test_next_window_is_read_while_this_one_finishes(tmp_path, monkeypatch, tokens, shuffle_tokens):
+    """The next window's chunks are read from the moment the window before the current one is done
+    with, not once the current one is whole (the decode drained at each window's end: 5% of an
+    epoch on 2 cores), under one limit that both windows' reads share: zarr's own."""
+    store, _ = make_store(tmp_path / "s", n=95, chunk=4)
+    loader = TokenStore(store, tokens=tokens, part="train", shuffle_tokens=shuffle_tokens)
+    expected = [rows[order].copy() for rows, order in loader.windows(seed=1)]
+    assert len(expected) > 3
+    started, alone = [], []
+    load = loader._load
+
+    def odd_windows_wait_for_the_next(*args):
+        """Windows 1, 3, ... are read only once the next one has begun: both are then read at once."""
+        started.append(len(started))
+        mine = len(started)
+        deadline = time.monotonic() + 0.5
+        while mine % 2 and len(started) == mine and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if mine % 2 and len(started) == mine:
+            alone.append(mine)
+        return load(*args)
+
+    in_flight, most = 0, 0
+    read = chunks._read_chunk_into
+
+    async def counted(*args):
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.002)
+            return await read(*args)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(loader, "_load", odd_windows_wait_for_the_next)
+    monkeypatch.setattr(chunks, "_read_chunk_into", counted)
+    with zarr.config.set({"async.concurrency": 2}):
+        got = [rows[order].copy() for rows, order in loader.windows(seed=1)]
+    assert alone == ([len(expected)] if len(expected) % 2 else [])  # only the last has no next one
+    assert most == 2
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @settings(max_examples=200, deadline=None)
