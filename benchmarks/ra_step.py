@@ -63,12 +63,14 @@ def timed(step, x, steps: int, window: int = 1, align: int = 1) -> float:
 
 def side_by_side(steps: dict, x, rounds: int, align: int = 1) -> dict:
     """Seconds per step of each of `steps`, taken in turns (one step of each per round, over
-    `rounds` rounds), so that all see the same state of a noisy machine; after `warm`."""
+    `rounds` rounds, in reverse order every other round), so that all see the same state of a
+    noisy machine, first and second alike (the second of two reads in a row ran slower here,
+    benchmarks/loader.py); after `warm`."""
     for step in steps.values():
         warm(step, x, align)
     seconds = dict.fromkeys(steps, 0.0)
-    for _ in range(rounds):
-        for name, step in steps.items():
+    for r in range(rounds):
+        for name, step in (list(steps.items()) if r % 2 == 0 else list(steps.items())[::-1]):
             t = time.perf_counter()
             step(x)
             seconds[name] += time.perf_counter() - t
