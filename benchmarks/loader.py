@@ -108,7 +108,8 @@ def measure(store, args) -> float:
         t = time.perf_counter()
         store.tokens.get_basic_selection(slice(None), out=into)
         seq_into.append(time.perf_counter() - t)
-        for step in ((bare_chunks, lambda: windows(r)) if r % 2 == 0 else (lambda: windows(r), bare_chunks)):
+        pair = (bare_chunks, lambda: windows(r))
+        for step in pair if r % 2 == 0 else pair[::-1]:
             step()
         t = time.perf_counter()
         sum(len(b) for b in loader.batches(args.batch_size, seed=r))
@@ -116,7 +117,7 @@ def measure(store, args) -> float:
     seq_rate, into_rate, chunk_rate = (n_tokens / np.median(t) for t in (seq, seq_into, chunked))
     raw_rate, std_rate = n / np.median(raw), n / np.median(std)
     ratios = (n / np.array(raw)) / np.maximum(n_tokens / np.array(seq_into), n_tokens / np.array(chunked))
-    pairs = np.sqrt(ratios[0:len(ratios) - 1:2] * ratios[1::2])
+    pairs = np.sqrt(ratios[0::2] * ratios[1::2])
     print(f"store: {store.n_images} images x {store.n_tokens} tokens x {store.d} {store.attrs['dtype']} "
           f"({n_tokens} tokens; train split {n}, {n / n_tokens:.3f} of them); {os.cpu_count()} cores, "
           f"torch threads {torch.get_num_threads()}, batch {args.batch_size}")
