@@ -2,6 +2,7 @@
 `chromium` and `chromium-driver`, installed by `make test`), driven by Selenium."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -69,7 +70,9 @@ def test_site_files_and_errors(site, fits, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
+    """Headless Chromium whose temporary files (its shared memory, kept in TMPDIR with
+    --disable-dev-shm-usage, and left there on quit) go to pytest's folder, not /tmp."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -81,7 +84,9 @@ def browser():
                 "--window-size=1200,900", "--allow-file-access-from-files"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    scratch = tmp_path_factory.mktemp("chromium")
+    service = Service(driver_path, env={**os.environ, "TMPDIR": str(scratch)})
+    driver = webdriver.Chrome(service=service, options=options)
     yield driver
     driver.quit()
 
