@@ -1,6 +1,8 @@
-"""Shared by the benchmarks: a store of real activations, and the RESULT line. Benchmarks work
-in `tempfile.TemporaryDirectory()` folders, so nothing is left behind."""
+"""Shared by the benchmarks: a store of real activations, the RESULT line, and the check of
+their counts. Benchmarks work in `tempfile.TemporaryDirectory()` folders, so nothing is left
+behind."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -15,6 +17,21 @@ REFERENCE = Path(__file__).resolve().parent.parent / ".bench" / "reference"
 def result(name: str, value: float, op: str, target: float, digits: int = 3) -> None:
     """The one line per figure that `make bench` collects."""
     print(f"RESULT {name} {value:.{digits}f} target {op} {target}")
+
+
+def count(low: int = 1, even: bool = False):
+    """An argparse `type`: a whole number of at least `low` (and even, if `even`), checked where
+    the option is declared, so that a bad one is a one-line error (exit 2) before any work."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < low or (even and n % 2):
+            raise argparse.ArgumentTypeError(f"{n}: use {'an even number' if even else 'a whole number'}"
+                                             f" of at least {low}")
+        return n
+    return parse
 
 
 def run_reference(module: str, argv: list[str]) -> dict:

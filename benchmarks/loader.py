@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from zarr.core.buffer.cpu import NDBuffer
 
-from benchmarks.common import real_activation_store, result
+from benchmarks.common import count, real_activation_store, result
 from archsae.cache import TokenStore, is_store, open_store
 from archsae.cache.chunks import read_chunks_into
 from archsae.cache.convert import convert, read_unit
@@ -32,14 +32,12 @@ from archsae.cache.convert import convert, read_unit
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=8192)
-    ap.add_argument("--batch-size", type=int, default=4096)
-    ap.add_argument("--repeat", type=int, default=8, help="an even number: half in each order")
+    ap.add_argument("--images", type=count(), default=8192)
+    ap.add_argument("--batch-size", type=count(), default=4096)
+    ap.add_argument("--repeat", type=count(2, even=True), default=8, help="an even number: half in each order")
     ap.add_argument("--real-store", default="runs/demo/efficientnet_lite0",
                     help="a store of real activations for the int8 error (made by `make demo`)")
     args = ap.parse_args()
-    if args.repeat < 2 or args.repeat % 2:
-        ap.error(f"--repeat {args.repeat}: use an even number, at least 2 (half the repeats in each order)")
     with tempfile.TemporaryDirectory(prefix="archsae-bench-") as work:
         store = real_activation_store(args.images, work)
         fp16 = measure(store, args)

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from benchmarks.common import result, run_reference
+from benchmarks.common import count, result, run_reference
 
 BATCHES = (4096, 1024)
 CANDIDATES = (256, 512, 1024, 0)  # centroids per atom (0: all): the cost side of docs/fit.md's table
@@ -149,10 +149,10 @@ def reference(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--d", type=int, default=768)
-    ap.add_argument("--concepts", type=int, default=3840)
-    ap.add_argument("--centroids", type=int, default=32000)
+    ap.add_argument("--steps", type=count(), default=3)
+    ap.add_argument("--d", type=count(), default=768)
+    ap.add_argument("--concepts", type=count(), default=3840)
+    ap.add_argument("--centroids", type=count(), default=32000)
     ap.add_argument("--reference", action="store_true", help="(internal) time the reference only")
     args = ap.parse_args()
     if args.reference:

@@ -1,6 +1,7 @@
 """Settings declared once: checks on construction, the derived SAE name, the options the CLI
 generates from them, and the held-out split shared by a fit and its centroids."""
 
+import importlib
 import json
 
 import numpy as np
@@ -131,4 +132,18 @@ def test_real_features_benchmark_checks_its_numbers_when_parsed(monkeypatch, cap
     monkeypatch.setattr("sys.argv", ["real_features", "--store", "nowhere", *given])
     with pytest.raises(SystemExit) as exit:
         parse_args()
+    assert exit.value.code == 2 and named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, given, named", [
+    ("loader", ["--repeat", "3"], "--repeat: 3: use an even number of at least 2"),
+    ("loader", ["--images", "0"], "--images: 0: use a whole number of at least 1"),
+    ("loader", ["--batch-size", "x"], "--batch-size: 'x' is not a whole number"),
+    ("ra_step", ["--concepts", "0"], "--concepts: 0: use a whole number of at least 1")])
+def test_benchmark_counts_are_checked_where_declared(monkeypatch, capsys, module, given, named):
+    """A bad count ends a benchmark in one line, exit 2, before any store is written."""
+    main = importlib.import_module(f"benchmarks.{module}").main
+    monkeypatch.setattr("sys.argv", [module, *given])
+    with pytest.raises(SystemExit) as exit:
+        main()
     assert exit.value.code == 2 and named in capsys.readouterr().err
